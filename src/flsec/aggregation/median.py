@@ -1,0 +1,27 @@
+"""Coordinate-wise median (Yin et al. 2018, Def. 1); the mean of the two middle values when k is even."""
+
+from __future__ import annotations
+
+import torch
+
+from flsec.aggregation.base import AggregationResult, Aggregator
+from flsec.aggregation.registry import AGGREGATORS
+from flsec.aggregation.trimmed_mean import kept_share
+
+
+def coordinate_median(updates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    k = updates.shape[0]
+    values, order = torch.sort(updates, dim=0, stable=True)
+    lo, hi = (k - 1) // 2, k // 2 + 1
+    return values[lo:hi].mean(dim=0), kept_share(order, lo, hi, k)
+
+
+@AGGREGATORS.register("median")
+class Median(Aggregator):
+    name = "median"
+
+    def min_updates(self) -> int:
+        return 2 * self.params.f + 1
+
+    def _aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[int]) -> AggregationResult:
+        return AggregationResult(*coordinate_median(updates))

@@ -1,0 +1,280 @@
+"""Experiment configuration: pydantic models, TOML files and ``--set key=value`` overrides.
+
+Every invalid key or value becomes a :class:`ConfigError` whose message is one line naming the
+field and the allowed values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from flsec.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def _registered(kind: str, name: str) -> str:
+    from flsec import plugins
+
+    registry = plugins.registry_for(kind)
+    if name not in registry:
+        raise ValueError(f"unknown {kind} '{name}'; allowed: {', '.join(registry.names())}")
+    return name
+
+
+class DataConfig(_Section):
+    name: str = "digits"
+    data_dir: str | None = None
+    train_size: int | None = Field(None, gt=0, description="random subset of the training split")
+    test_size: int | None = Field(None, gt=0, description="random subset of the test split")
+    partition: Literal["iid", "dirichlet"] = "iid"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (smaller = more non-IID)")
+    min_client_size: int = Field(8, ge=1, description="Dirichlet resampling until every client has this many")
+    download: bool = Field(True, description="download missing files when a network exists")
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        return _registered("dataset", v)
+
+
+class ModelConfig(_Section):
+    name: str = "digits_cnn"
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        return _registered("model", v)
+
+
+class TrainingConfig(_Section):
+    num_clients: int = Field(10, ge=1)
+    rounds: int = Field(10, ge=1)
+    client_fraction: float = Field(1.0, gt=0, le=1)
+    local_epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    server_lr: float = Field(1.0, gt=0)
+
+
+class TriggerConfig(_Section):
+    pattern: Literal["checkerboard", "square", "cross"] = "checkerboard"
+    size: int = Field(3, ge=1)
+    position: Literal["bottom_right", "bottom_left", "top_right", "top_left"] = "bottom_right"
+    offset: int = Field(1, ge=0, description="pixels between the patch and the image border")
+    value: float = Field(1.0, ge=0, le=1, description="intensity of the 'on' pixels, in [0,1]")
+    dba_parts: int = Field(1, ge=1, description="split the trigger into parts, one per attacker (DBA)")
+
+
+class AttackConfig(_Section):
+    kind: Literal["none", "backdoor", "label_flip"] = "none"
+    num_malicious: int = Field(0, ge=0)
+    malicious_ids: list[int] | None = Field(None, description="explicit attacker ids (default: 0..n-1)")
+    rounds: list[int] | None = Field(None, description="1-based rounds in which attackers attack (default: all)")
+    target_label: int = Field(0, ge=0)
+    source_label: int = Field(7, ge=0, description="label flipping: the class relabelled to target_label")
+    poison_fraction: float = Field(0.5, gt=0, le=1)
+    boost: bool = Field(False, description="model replacement: scale the malicious update by boost_factor")
+    boost_factor: float | None = Field(None, gt=0, description="default n_selected / (server_lr * attackers in the round)")
+    trigger: TriggerConfig = TriggerConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AttackConfig:
+        if self.malicious_ids is not None:
+            if len(set(self.malicious_ids)) != len(self.malicious_ids):
+                raise ValueError("attack.malicious_ids: ids must be distinct")
+            if len(self.malicious_ids) != self.num_malicious:
+                raise ValueError(
+                    f"attack.malicious_ids: {len(self.malicious_ids)} ids given but "
+                    f"num_malicious = {self.num_malicious}"
+                )
+        if self.kind != "none" and self.num_malicious == 0:
+            raise ValueError(f"attack.num_malicious: must be >= 1 when attack.kind = '{self.kind}'")
+        return self
+
+
+class AggregationConfig(_Section):
+    name: str = "fedavg"
+    f: int | None = Field(None, ge=0, description="assumed number of attackers (default: attack.num_malicious)")
+    multi_krum_m: int | None = Field(None, ge=1, description="Multi-Krum: models averaged (default k - f)")
+    trim_beta: int | None = Field(None, ge=0, description="Trimmed mean: values cut per side (default f)")
+    foolsgold_kappa: float = Field(1.0, gt=0, description="FoolsGold logit confidence")
+    fl_defender_components: int = Field(2, ge=1, description="FL-Defender: PCA components")
+
+    @field_validator("name")
+    @classmethod
+    def _known_aggregator(cls, v: str) -> str:
+        return _registered("aggregator", v)
+
+
+class CaptureConfig(_Section):
+    rounds: Literal["last", "all"] | list[int] = Field("last", description="1-based rounds to capture")
+    clients: Literal["malicious", "all"] | list[int] = Field("malicious", description="clients to capture")
+    updates: bool = Field(True, description="store the client's full local update (FedAvg)")
+    gradient_batch_sizes: list[int] = Field(
+        default_factory=list, description="also store the gradient of one local batch of each size (FedSGD)"
+    )
+
+    @field_validator("gradient_batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(b < 1 or b > 64 for b in v):
+            raise ValueError("capture.gradient_batch_sizes: each size must be in 1..64")
+        return sorted(set(v))
+
+
+class ExperimentConfig(_Section):
+    name: str = "experiment"
+    seed: int = 0
+    plugins: list[str] = Field(default_factory=list, description="modules to import that register plug-ins")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    training: TrainingConfig = TrainingConfig()
+    attack: AttackConfig = AttackConfig()
+    aggregation: AggregationConfig = AggregationConfig()
+    capture: CaptureConfig = CaptureConfig()
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ExperimentConfig:
+        n = self.training.num_clients
+        if self.attack.num_malicious > n:
+            raise ValueError(f"attack.num_malicious: {self.attack.num_malicious} exceeds training.num_clients = {n}")
+        for cid in self.attack.malicious_ids or []:
+            if not 0 <= cid < n:
+                raise ValueError(f"attack.malicious_ids: {cid} is not in 0..{n - 1}")
+        for r in self.attack.rounds or []:
+            if not 1 <= r <= self.training.rounds:
+                raise ValueError(f"attack.rounds: {r} is not in 1..{self.training.rounds}")
+        if isinstance(self.capture.rounds, list):
+            for r in self.capture.rounds:
+                if not 1 <= r <= self.training.rounds:
+                    raise ValueError(f"capture.rounds: {r} is not in 1..{self.training.rounds}")
+        if isinstance(self.capture.clients, list):
+            for c in self.capture.clients:
+                if not 0 <= c < n:
+                    raise ValueError(f"capture.clients: {c} is not in 0..{n - 1}")
+        if self.attack.trigger.dba_parts > 1 and self.attack.trigger.dba_parts > max(self.attack.num_malicious, 1):
+            raise ValueError("attack.trigger.dba_parts: cannot exceed attack.num_malicious")
+        return self
+
+    # Derived values -------------------------------------------------------------------------
+    @property
+    def malicious_ids(self) -> list[int]:
+        if self.attack.kind == "none":
+            return []
+        if self.attack.malicious_ids is not None:
+            return sorted(self.attack.malicious_ids)
+        return list(range(self.attack.num_malicious))
+
+    @property
+    def clients_per_round(self) -> int:
+        return max(1, round(self.training.client_fraction * self.training.num_clients))
+
+    @property
+    def assumed_attackers(self) -> int:
+        if self.aggregation.f is not None:
+            return self.aggregation.f
+        return self.attack.num_malicious if self.attack.kind != "none" else 0
+
+
+# Loading --------------------------------------------------------------------------------------
+
+
+def _parse_value(raw: str) -> Any:
+    """Parse an override value as TOML (numbers, booleans, lists, strings); fall back to a string."""
+    try:
+        return tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        return raw
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.sub=value`` overrides to a nested dict (a new dict is returned)."""
+    import copy
+
+    out = copy.deepcopy(data)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}': expected key=value, e.g. training.rounds=5")
+        key, raw = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set '{item}': empty key")
+        node = out
+        for p in parts[:-1]:
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set '{item}': '{p}' is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(raw.strip())
+    return out
+
+
+def _fields_at(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = ExperimentConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            break
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            model = ann
+        else:
+            break
+    return list(model.model_fields)
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line for the first error: the dotted field, what is wrong, what is allowed."""
+    err = exc.errors()[0]
+    loc = tuple(err["loc"])
+    dotted = ".".join(str(p) for p in loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        allowed = _fields_at(loc[:-1])
+        return f"{dotted}: unknown key; allowed keys: {', '.join(allowed)}"
+    msg = str(err["msg"])
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+        head = msg.split(":", 1)[0]
+        if not dotted or ("." in head and " " not in head):
+            return msg
+        return f"{dotted}: {msg}"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, dict) else "a section"
+    return f"{dotted}: {msg} (got {shown})" if dotted else msg
+
+
+def build_config(data: dict[str, Any]) -> ExperimentConfig:
+    from flsec.registry import import_plugins
+
+    plugins = data.get("plugins", [])
+    if isinstance(plugins, list):
+        import_plugins([str(p) for p in plugins])
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"--config: file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
+
+
+def load_config(path: Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a TOML experiment file (or the defaults) and apply ``--set`` overrides."""
+    data = read_toml(path) if path is not None else {}
+    return build_config(apply_overrides(data, overrides or []))

@@ -1,0 +1,1 @@
+"""Federated training: clients, server rounds, evaluation and checkpoints."""

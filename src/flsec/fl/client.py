@@ -1,0 +1,75 @@
+"""Local training of one client and the FedSGD gradient of one of its batches."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flsec.fl.params import get_flat
+
+BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    """Local optimisation hyper-parameters (also what a server needs to replay an update)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+    def steps(self, num_samples: int) -> int:
+        return self.epochs * -(-num_samples // self.batch_size)
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    update: torch.Tensor
+    loss: float
+    steps: int
+
+
+def local_train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    spec: LocalSpec,
+    generator: torch.Generator,
+    transform: BatchTransform | None = None,
+) -> LocalResult:
+    """SGD from the model's current weights; returns the update (local - start) as a flat vector.
+
+    ``transform`` acts on each mini-batch (e.g. backdoor poisoning) with the same generator.
+    """
+    start = get_flat(model)
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    model.train()
+    total, steps = 0.0, 0
+    for _ in range(spec.epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for idx in order.split(spec.batch_size):
+            xb, yb = x[idx], y[idx]
+            if transform is not None:
+                xb, yb = transform(xb, yb, generator)
+            opt.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(xb), yb)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+    return LocalResult(get_flat(model) - start, total / max(steps, 1), steps)
+
+
+def batch_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Flat gradient of the mean cross-entropy of one batch: what a FedSGD client shares."""
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, params)
+    return torch.cat([g.reshape(-1) for g in grads]).detach()

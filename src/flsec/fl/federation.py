@@ -1,0 +1,91 @@
+"""Everything an experiment's rounds share: data, partition, model spec, trigger, attackers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+
+from flsec.attacks.backdoor import Trigger, make_trigger, poison_batch
+from flsec.attacks.label_flip import flip_labels
+from flsec.config import ExperimentConfig
+from flsec.data import ImageDataset, load_dataset, make_partition
+from flsec.errors import ConfigError
+from flsec.fl.client import BatchTransform, LocalSpec
+from flsec.fl.evaluate import backdoor_asr, label_flip_asr, main_accuracy
+from flsec.models import InputSpec, build_model
+
+
+@dataclass
+class Federation:
+    config: ExperimentConfig
+    data: ImageDataset
+    spec: InputSpec
+    shards: list[np.ndarray]
+    trigger: Trigger
+    malicious: frozenset[int]
+
+    @classmethod
+    def from_config(cls, config: ExperimentConfig) -> Federation:
+        data = load_dataset(config.data.name, config.data.data_dir, config.data.download)
+        data = data.subset(config.data.train_size, config.data.test_size, config.seed)
+        for field, label in (("target_label", config.attack.target_label), ("source_label", config.attack.source_label)):
+            if label >= data.num_classes:
+                raise ConfigError(f"attack.{field}: {label} is not a class of {data.name} (0..{data.num_classes - 1})")
+        c, h, w = data.image_shape
+        spec = InputSpec(c, h, w, data.num_classes, data.mean, data.std)
+        shards = make_partition(
+            config.data.partition, data.y_train.numpy(), config.training.num_clients, config.seed,
+            config.data.alpha, config.data.min_client_size,
+        )
+        trigger = make_trigger(config.attack.trigger, h, w)
+        return cls(config, data, spec, shards, trigger, frozenset(config.malicious_ids))
+
+    def new_model(self) -> nn.Module:
+        return build_model(self.config.model.name, self.spec, self.config.seed)
+
+    @property
+    def local_spec(self) -> LocalSpec:
+        t = self.config.training
+        return LocalSpec(t.local_epochs, t.batch_size, t.lr, t.momentum, t.weight_decay)
+
+    def client_data(self, client: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(self.shards[client])
+        x, y = self.data.x_train[idx], self.data.y_train[idx]
+        if self.config.attack.kind == "label_flip" and client in self.malicious:
+            y = flip_labels(y, self.config.attack.source_label, self.config.attack.target_label)
+        return x, y
+
+    def attacking(self, client: int, round_: int) -> bool:
+        rounds = self.config.attack.rounds
+        return client in self.malicious and (rounds is None or round_ in rounds)
+
+    def client_trigger(self, client: int) -> Trigger:
+        parts = self.config.attack.trigger.dba_parts
+        order = sorted(self.malicious)
+        return self.trigger.part(order.index(client), parts) if client in order else self.trigger
+
+    def transform(self, client: int, round_: int) -> BatchTransform | None:
+        """The batch poisoning a client applies this round (None for honest behaviour)."""
+        a = self.config.attack
+        if a.kind != "backdoor" or not self.attacking(client, round_):
+            return None
+
+        def poison(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, trig: Trigger) -> tuple[torch.Tensor, torch.Tensor]:
+            xp, yp, _ = poison_batch(x, y, trig, a.target_label, a.poison_fraction, g)
+            return xp, yp
+
+        return partial(poison, trig=self.client_trigger(client))
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        a = self.config.attack
+        x, y = self.data.x_test, self.data.y_test
+        metrics = {"ma": main_accuracy(model, x, y)}
+        if a.kind == "label_flip":
+            metrics["asr"] = label_flip_asr(model, x, y, a.source_label, a.target_label)
+        else:
+            metrics["asr"] = backdoor_asr(model, x, y, self.trigger, a.target_label)
+        return metrics

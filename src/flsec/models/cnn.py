@@ -1,0 +1,96 @@
+"""Small convolutional networks for 8x8 digits, MNIST-sized and CIFAR-sized images."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from flsec.models.registry import MODELS, InputSpec, Normalize
+
+
+class DigitsCNN(nn.Module):
+    """Two 3x3 convolutions and two dense layers, for 8x8 images."""
+
+    def __init__(self, spec: InputSpec) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            Normalize(spec.mean, spec.std),
+            nn.Conv2d(spec.channels, 16, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(32 * (spec.height // 2) * (spec.width // 2), 64), nn.ReLU(),
+            nn.Linear(64, spec.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class MnistCNN(nn.Module):
+    """The 2-conv MNIST network of McMahan et al. (2017, "Communication-efficient learning"),
+    with a 128-unit hidden layer: conv5x5(32)-pool-conv5x5(64)-pool-fc128-fc."""
+
+    def __init__(self, spec: InputSpec) -> None:
+        super().__init__()
+        h, w = ((spec.height - 4) // 2 - 4) // 2, ((spec.width - 4) // 2 - 4) // 2
+        self.net = nn.Sequential(
+            Normalize(spec.mean, spec.std),
+            nn.Conv2d(spec.channels, 32, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * h * w, 128), nn.ReLU(),
+            nn.Linear(128, spec.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class LeNet5(nn.Module):
+    """LeNet-5 (LeCun et al. 1998): C1 6@5x5 (padded to keep 28x28), S2 average pooling,
+    C3 16@5x5, S4, F5 120, F6 84, output; tanh activations as in the original."""
+
+    def __init__(self, spec: InputSpec) -> None:
+        super().__init__()
+        h, w = (spec.height // 2 - 4) // 2, (spec.width // 2 - 4) // 2
+        self.net = nn.Sequential(
+            Normalize(spec.mean, spec.std),
+            nn.Conv2d(spec.channels, 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),
+            nn.Conv2d(6, 16, 5), nn.Tanh(), nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16 * h * w, 120), nn.Tanh(),
+            nn.Linear(120, 84), nn.Tanh(),
+            nn.Linear(84, spec.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CifarConvNet(nn.Module):
+    """A VGG-style ConvNet for 32x32 colour images: 3 conv blocks (32-64-128) and fc256."""
+
+    def __init__(self, spec: InputSpec) -> None:
+        super().__init__()
+
+        def block(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1),
+                    nn.ReLU(), nn.MaxPool2d(2)]
+
+        self.net = nn.Sequential(
+            Normalize(spec.mean, spec.std),
+            *block(spec.channels, 32), *block(32, 64), *block(64, 128),
+            nn.Flatten(),
+            nn.Linear(128 * (spec.height // 8) * (spec.width // 8), 256), nn.ReLU(),
+            nn.Linear(256, spec.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+MODELS.register("digits_cnn")(DigitsCNN)
+MODELS.register("mnist_cnn")(MnistCNN)
+MODELS.register("lenet")(LeNet5)
+MODELS.register("cifar_convnet")(CifarConvNet)

@@ -1,0 +1,67 @@
+"""Model registry. Every model takes images in [0, 1] and normalises them itself, so attacks,
+triggers and inversion all work in pixel space."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flsec.registry import Registry
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    channels: int
+    height: int
+    width: int
+    num_classes: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+ModelFactory = Callable[[InputSpec], nn.Module]
+MODELS: Registry[ModelFactory] = Registry("model")
+
+
+class Normalize(nn.Module):
+    """Fixed per-channel standardisation (non-persistent buffers: not part of the weights)."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def build_model(name: str, spec: InputSpec, seed: int) -> nn.Module:
+    """Instantiate a registered model with deterministic initial weights."""
+    factory = MODELS.get(name)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = factory(spec)
+    return model
+
+
+def output_layer_slice(model: nn.Module) -> slice:
+    """Position of the last ``nn.Linear`` (weight and bias) in the flattened parameter vector."""
+    last: nn.Linear | None = None
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            last = module
+    if last is None:
+        raise ValueError("model has no nn.Linear output layer")
+    wanted = {id(p) for p in last.parameters()}
+    start = offset = 0
+    stop = -1
+    for p in model.parameters():
+        if id(p) in wanted:
+            if stop < 0:
+                start = offset
+            stop = offset + p.numel()
+        offset += p.numel()
+    return slice(start, stop)

@@ -1,0 +1,36 @@
+"""Shared fixtures: small digits experiments (no download, seconds on 2 cores)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flsec.config import ExperimentConfig, build_config
+
+torch.set_num_threads(2)
+
+
+def small_config(**sections: dict) -> ExperimentConfig:
+    base: dict = {
+        "seed": 1,
+        "data": {"name": "digits", "partition": "iid"},
+        "model": {"name": "digits_cnn"},
+        "training": {"num_clients": 6, "rounds": 4, "local_epochs": 1, "batch_size": 16, "lr": 0.05},
+        "attack": {"kind": "backdoor", "num_malicious": 1, "boost": True, "trigger": {"offset": 0}},
+        "capture": {"rounds": "last", "clients": "malicious", "gradient_batch_sizes": [1]},
+    }
+    for key, value in sections.items():
+        base[key] = {**base.get(key, {}), **value}
+    return build_config(base)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One small backdoored digits run shared by the read-only tests."""
+    from flsec.fl.server import train
+
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    train(small_config(), out, progress=False)
+    return out
