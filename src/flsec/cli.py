@@ -45,6 +45,41 @@ def train(
     typer.echo(f"round {m['round']}: MA {m['ma']:.4f}  ASR {m['asr']:.4f}  -> {out}")
 
 
+@app.command()
+def invert(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="run directory written by `flsec train`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="where reconstructed_images/ and metrics.json go")] = Path(
+        "inversion"),
+    round_: Annotated[int | None, typer.Option("--round", min=1, help="captured round (default: the last)")] = None,
+    client: Annotated[int | None, typer.Option("--client", min=0, help="captured client (default: the first)")] = None,
+    target: Annotated[str | None, typer.Option("--target", help="gradient_b<B> or update (default: smallest batch)")] = None,
+    every: Annotated[bool, typer.Option("--all", help="invert every capture matching --round/--client/--target")] = False,
+    method: Annotated[str, typer.Option("--method", help="inversion method: geiping or dlg")] = "geiping",
+    iterations: Annotated[int, typer.Option("--iterations", min=1, help="optimisation steps per restart")] = 2000,
+    restarts: Annotated[int, typer.Option("--restarts", min=1, help="random restarts (best kept)")] = 1,
+    lr: Annotated[float, typer.Option("--lr", min=1e-12, help="step size")] = 0.1,
+    tv: Annotated[float, typer.Option("--tv", min=0.0, help="total-variation weight")] = 1e-4,
+    seed: Annotated[int, typer.Option("--seed", help="seed of the random initialisations")] = 0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Phase 2: reconstruct the images behind captured client gradients/updates (Ctrl-C keeps the best so far)."""
+    from flsec.errors import ConfigError
+    from flsec.inversion.attack import run_inversion
+    from flsec.inversion.methods import METHODS, InversionSettings
+
+    if method not in METHODS:
+        raise ConfigError(f"--method: unknown '{method}'; allowed: {', '.join(METHODS.names())}")
+    settings = InversionSettings(iterations, restarts, lr, tv, seed, progress=not quiet)
+    report = run_inversion(checkpoint, out, round_=round_, client=client, kind=target, method=method,
+                           every=every, settings=settings)
+    s = report["summary"]
+    trig = s["mean_trigger_correlation"]
+    typer.echo(f"{s['images']} images: PSNR {s['mean_psnr']:.2f} dB  SSIM {s['mean_ssim']:.3f}  "
+               f"labels {100 * s['label_accuracy']:.0f}%"
+               + (f"  trigger corr {trig:.2f}" if trig is not None else "")
+               + f"  ({s['seconds_per_image']:.1f} s/image) -> {out / 'reconstructed_images'}")
+
+
 def main() -> None:
     try:
         app()

@@ -6,6 +6,7 @@ Layout::
     model.safetensors                           global weights after the last completed round
     history.jsonl                               one line of metrics per completed round
     state/round_<r>.safetensors                 what a resume needs (weights + aggregator state)
+    updates/round_<r>/global_model.safetensors  the global weights sent to clients in a captured round
     updates/round_<r>/client_<c>.safetensors    captured updates / FedSGD gradients (+ replay metadata)
     evaluation_only/round_<r>/client_<c>.safetensors
                                                 ground-truth images of captured batches: used only to
@@ -32,6 +33,7 @@ from torch import nn
 from flsec.config import ExperimentConfig, build_config
 from flsec.errors import CheckpointError
 from flsec.io import sha256_file, write_json, write_tensors, write_text
+from flsec.models import InputSpec, build_model
 
 FORMAT = "flsec-checkpoint/1"
 
@@ -39,6 +41,11 @@ FORMAT = "flsec-checkpoint/1"
 def capture_path(kind: str, round_: int, client: int) -> str:
     folder = "updates" if kind == "updates" else "evaluation_only"
     return f"{folder}/round_{round_}/client_{client}.safetensors"
+
+
+def global_model_path(round_: int) -> str:
+    """The global weights a captured round's clients received (what the server sent them)."""
+    return f"updates/round_{round_}/global_model.safetensors"
 
 
 def library_versions() -> dict[str, str]:
@@ -84,6 +91,11 @@ class RunWriter:
             write_tensors(self.root / rel, payload, meta)
             self.files[rel] = sha256_file(self.root / rel)
         self.captures.append({"round": round_, "client": client, "tensors": sorted(tensors), **metadata})
+
+    def write_round_model(self, round_: int, model: nn.Module) -> None:
+        rel = global_model_path(round_)
+        write_tensors(self.root / rel, dict(model.state_dict()))
+        self.files[rel] = sha256_file(self.root / rel)
 
     def commit_round(self, round_: int, model: nn.Module, aggregator_state: dict[str, torch.Tensor],
                      history: list[dict[str, Any]], extra_meta: dict[str, Any], complete: bool) -> None:
@@ -139,6 +151,18 @@ class Checkpoint:
             raise CheckpointError(f"{self.root}: no file {rel} in this checkpoint")
         return self.root / rel
 
+    def input_spec(self) -> InputSpec:
+        spec = self.meta["input_spec"]
+        return InputSpec(spec["channels"], spec["height"], spec["width"], spec["num_classes"],
+                         tuple(spec["mean"]), tuple(spec["std"]))
+
+    def build_model(self, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """The run's model architecture holding ``weights`` (default: the final global weights)."""
+        model = build_model(self.config.model.name, self.input_spec(), self.config.seed)
+        model.load_state_dict(self.weights() if weights is None else weights)
+        model.eval()
+        return model
+
     def weights(self) -> dict[str, torch.Tensor]:
         return read_tensors(self.path("model.safetensors"))
 
@@ -153,6 +177,10 @@ class Checkpoint:
         path = self.path_for_capture("updates", round_, client)
         meta = {k: json.loads(v) for k, v in read_tensor_metadata(path).items()}
         return read_tensors(path), meta
+
+    def round_model_weights(self, round_: int) -> dict[str, torch.Tensor]:
+        """Global weights at the start of a captured round (the model the gradient was taken on)."""
+        return read_tensors(self.path(global_model_path(round_)))
 
     def truth(self, round_: int, client: int) -> dict[str, torch.Tensor]:
         """Ground truth of a capture: for scoring reconstructions only."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -117,6 +118,8 @@ def train(
         global_flat = get_flat(model)
         selected = select_clients(config.seed, r, config.training.num_clients, per_round)
         updates, counts, losses = [], [], []
+        if r in cap_rounds and cap_clients & set(selected):
+            writer.write_round_model(r, model)
         gamma = config.attack.boost_factor or default_boost_factor(
             per_round, config.training.server_lr, sum(fed.attacking(c, r) for c in selected))
         for c in selected:
@@ -162,7 +165,8 @@ def train(
         history.append(record)
         timings.append(time.perf_counter() - t0)
         writer.commit_round(r, model, aggregator.state_dict(), history,
-                            {"malicious_ids": sorted(fed.malicious), "seconds_per_round": timings},
+                            {"malicious_ids": sorted(fed.malicious), "seconds_per_round": timings,
+                             "input_spec": dataclasses.asdict(fed.spec)},
                             complete=r == config.training.rounds)
         bar.set_postfix(ma=f"{metrics['ma']:.3f}", asr=f"{metrics['asr']:.3f}")
         if on_round_end is not None:
