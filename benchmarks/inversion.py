@@ -70,7 +70,10 @@ def main() -> None:
             for b in args.batch_sizes:
                 sel = [r for r in rows if r["model"] == model and r["round"] == round_ and r["batch"] == b]
                 trig = [r["trigger_correlation"] for r in sel if r["trigger_correlation"] is not None]
-                mean = lambda k: sum(r[k] for r in sel) / len(sel)  # noqa: E731
+
+                def mean(k: str, sel: list[dict[str, Any]] = sel) -> float:
+                    return sum(r[k] for r in sel) / len(sel)
+
                 lines.append(f"| {model} | {round_} | {b} | {mean('psnr'):.2f} | {mean('ssim'):.3f} | "
                              f"{100 * mean('label_accuracy'):.0f}% | "
                              f"{(sum(trig) / len(trig)) if trig else float('nan'):.2f} | {mean('seconds_per_image'):.1f} |")

@@ -101,7 +101,7 @@ def dlg(case: Case, labels: torch.Tensor, shape: tuple[int, ...], s: InversionSe
             opt = torch.optim.LBFGS([x], lr=1.0, max_iter=20, history_size=100, line_search_fn="strong_wolfe",
                                     tolerance_grad=1e-12, tolerance_change=1e-15)
 
-            def closure() -> torch.Tensor:
+            def closure(x: torch.Tensor = x, opt: torch.optim.LBFGS = opt) -> torch.Tensor:
                 opt.zero_grad(set_to_none=True)
                 diff = case.simulate(x, labels) - case.observed
                 loss = (diff * diff).sum() / scale
