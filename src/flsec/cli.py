@@ -80,6 +80,87 @@ def invert(
                + f"  ({s['seconds_per_image']:.1f} s/image) -> {out / 'reconstructed_images'}")
 
 
+@app.command()
+def unlearn(
+    checkpoint: Annotated[Path, typer.Option("--checkpoint", help="run directory written by `flsec train`")],
+    images: Annotated[Path, typer.Option("--images", help="reconstructed_images/ (or its parent) from `flsec invert`")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="where the repaired checkpoint and metrics go")],
+    steps: Annotated[int | None, typer.Option("--steps", min=1, help="fine-tuning steps (default: config)")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", min=1e-12, help="fine-tuning step size (default: config)")] = None,
+    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="run the two baselines")] = True,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Phase 3: verify the backdoor from reconstructions, unlearn it, compare with baselines."""
+    from dataclasses import replace
+
+    from flsec.fl.checkpoint import load_checkpoint
+    from flsec.unlearning.run import run_unlearning, settings_from
+
+    cfg = load_checkpoint(checkpoint).config
+    settings = settings_from(cfg.unlearning, cfg.seed, not quiet)
+    settings = replace(settings, steps=steps or settings.steps, lr=lr or settings.lr)
+    res = run_unlearning(checkpoint, images, out, settings, baselines=baselines, progress=not quiet)
+    _print_unlearning(res)
+
+
+def _print_unlearning(res: dict) -> None:
+    v = res["verification"]
+    if "suspected_target" in v:
+        typer.echo(f"verification: backdoor {'found' if v['backdoor_found'] else 'not confirmed'}, suspected target "
+                   f"{v['suspected_target']}, {v['suspects']}/{v['reconstructions']} suspects, "
+                   f"trigger-mask IoU {v['mask_iou_with_true_trigger']:.2f}")
+    else:
+        typer.echo(f"verification: no backdoor found in {v['reconstructions']} reconstructions ({v['reason']}); "
+                   "model left unchanged")
+    rows = [("before", res["before"]), ("after unlearning", res["after"])]
+    rows += [(k.replace("_", " "), res[k]) for k in ("baseline_finetune", "baseline_retrain") if k in res]
+    for name, m in rows:
+        typer.echo(f"  {name:20s} MA {100 * m['ma']:6.2f}%  ASR {100 * m['asr']:6.2f}%")
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory (re-run to resume)")] = Path("runs/run"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """All three phases in one run directory, then report.html. Re-running resumes unfinished phases."""
+    from flsec.config import load_config
+    from flsec.pipeline import run_pipeline
+
+    report = run_pipeline(load_config(config, set_), out, progress=not quiet)
+    _print_run(out, report)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/demo"),
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+) -> None:
+    """`flsec run` on the embedded digits default (no download)."""
+    from importlib.resources import files
+
+    from flsec.config import build_config, read_toml
+    from flsec.pipeline import run_pipeline
+
+    with __import__("importlib.resources").resources.as_file(files("flsec") / "configs" / "demo.toml") as path:
+        cfg = build_config(read_toml(Path(path)))
+    report = run_pipeline(cfg, out, progress=not quiet)
+    _print_run(out, report)
+
+
+def _print_run(out: Path, report: Path) -> None:
+    import json
+
+    m = json.loads((out / "unlearn" / "metrics.json").read_text())
+    inv = json.loads((out / "invert" / "metrics.json").read_text())["summary"]
+    typer.echo(f"inversion: {inv['images']} images, PSNR {inv['mean_psnr']:.2f} dB, labels "
+               f"{100 * inv['label_accuracy']:.0f}%")
+    _print_unlearning(m)
+    typer.echo(f"report: {report.resolve()}")
+
+
 def main() -> None:
     try:
         app()

@@ -131,6 +131,34 @@ class CaptureConfig(_Section):
         return sorted(set(v))
 
 
+class InversionConfig(_Section):
+    """Phase 2 settings used by ``flsec run`` (``flsec invert`` takes the same as options)."""
+
+    method: str = "geiping"
+    target: str | None = Field(None, description="gradient_b<B> or update (default: smallest captured batch)")
+    iterations: int = Field(2000, ge=1)
+    restarts: int = Field(1, ge=1)
+    lr: float = Field(0.1, gt=0)
+    tv_weight: float = Field(1e-4, ge=0)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        return _registered("inversion method", v)
+
+
+class UnlearningConfig(_Section):
+    """Phase 3: fine-tuning on the reconstructions (and the baselines run on the same budget)."""
+
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(32, ge=1)
+    lr: float = Field(0.01, gt=0)
+    retention_weight: float = Field(1.0, ge=0, description="weight of the distillation (retention) term")
+    augment_shift: int = Field(2, ge=0, description="random translation in pixels")
+    augment_noise: float = Field(0.05, ge=0, description="std of added Gaussian pixel noise")
+    baselines: bool = Field(True, description="also run plain fine-tuning and retraining without attackers")
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     seed: int = 0
@@ -141,6 +169,8 @@ class ExperimentConfig(_Section):
     attack: AttackConfig = AttackConfig()
     aggregation: AggregationConfig = AggregationConfig()
     capture: CaptureConfig = CaptureConfig()
+    inversion: InversionConfig = InversionConfig()
+    unlearning: UnlearningConfig = UnlearningConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:

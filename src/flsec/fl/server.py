@@ -29,6 +29,11 @@ RoundCallback = Callable[[int, dict[str, Any]], None]
 _SELECT, _LOCAL, _CAPTURE = 1, 2, 3
 
 
+def training_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The part of a config that determines training (later phases' settings may change freely)."""
+    return {k: v for k, v in config.items() if k not in ("inversion", "unlearning", "name")}
+
+
 def select_clients(seed: int, round_: int, num_clients: int, per_round: int) -> list[int]:
     rng = np.random.default_rng(derive_seed(seed, round_, _SELECT))
     return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
@@ -93,7 +98,7 @@ def train(
         if not resume:
             raise CheckpointError(f"--out: {out} already holds a run; pass --resume to continue it or choose a new --out")
         ckpt = load_checkpoint(out, require_complete=False)
-        if ckpt.meta["config"] != config.model_dump(mode="json"):
+        if training_fields(ckpt.meta["config"]) != training_fields(config.model_dump(mode="json")):
             raise CheckpointError(f"--resume: {out} was started with a different config; use a new --out")
         if ckpt.complete:
             return ckpt

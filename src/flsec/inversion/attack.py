@@ -7,6 +7,7 @@ round, the tensor the client sent back and the client's declared local hyper-par
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +59,8 @@ def select_targets(ckpt: Checkpoint, round_: int | None, client: int | None, kin
         listed = ", ".join(sorted({f"round {t.round} client {t.client}" for t in targets}))
         raise ConfigError(f"--round/--client: no capture matches; captured: {listed}")
     if every:
+        if kind is None and any(t.kind != "update" for t in pool):
+            pool = [t for t in pool if t.kind != "update"]  # gradients are what can be inverted at scale
         return pool
     last_round = max(t.round for t in pool) if round_ is None else round_
     pool = [t for t in pool if t.round == last_round]
@@ -127,8 +130,13 @@ def run_inversion(checkpoint: Path, out: Path, *, round_: int | None = None, cli
     targets = select_targets(ckpt, round_, client, kind, every)
     images_dir = out / "reconstructed_images"
     results, all_images, all_labels, sources = [], [], [], []
+    key = json.dumps({"method": method, **asdict(settings), "progress": None}, sort_keys=True)
     for target in targets:
-        res = invert_one(ckpt, target, method, settings)
+        res = _cached(out, target, key)
+        if res is None:
+            res = invert_one(ckpt, target, method, settings)
+            if not res["metrics"]["interrupted"]:
+                _cache(out, target, key, res)
         for i, img in enumerate(res["images"]):
             save_png(images_dir / f"{target.tag}_{i}.png", img)
         save_grid(images_dir / f"{target.tag}_grid.png", [res["truth"], res["images"]])
@@ -147,6 +155,28 @@ def run_inversion(checkpoint: Path, out: Path, *, round_: int | None = None, cli
               "targets": results, "note": "scores use the evaluation_only ground truth; the attack did not"}
     write_json(out / "metrics.json", report)
     return report
+
+
+def _cache(out: Path, target: Target, key: str, res: dict[str, Any]) -> None:
+    metrics = {k: v for k, v in res["metrics"].items()}
+    write_tensors(out / "parts" / f"{target.tag}.safetensors",
+                  {"images": res["images"], "labels": res["labels"].long(), "truth": res["truth"]},
+                  {"key": key, "metrics": json.dumps(metrics)})
+
+
+def _cached(out: Path, target: Target, key: str) -> dict[str, Any] | None:
+    """A finished target of an earlier, interrupted run with the same settings."""
+    from flsec.fl.checkpoint import read_tensor_metadata, read_tensors
+
+    path = out / "parts" / f"{target.tag}.safetensors"
+    if not path.is_file():
+        return None
+    meta = read_tensor_metadata(path)
+    if meta.get("key") != key:
+        return None
+    t = read_tensors(path)
+    return {"target": target, "images": t["images"], "labels": t["labels"], "truth": t["truth"],
+            "metrics": json.loads(meta["metrics"])}
 
 
 def _summarise(results: list[dict[str, Any]]) -> dict[str, Any]:

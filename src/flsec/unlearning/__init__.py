@@ -1,0 +1,1 @@
+"""Backdoor verification from reconstructions, trigger estimation and corrective unlearning."""
