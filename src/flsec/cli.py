@@ -139,12 +139,12 @@ def demo(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """`flsec run` on the embedded digits default (no download)."""
-    from importlib.resources import files
+    from importlib.resources import as_file, files
 
     from flsec.config import build_config, read_toml
     from flsec.pipeline import run_pipeline
 
-    with __import__("importlib.resources").resources.as_file(files("flsec") / "configs" / "demo.toml") as path:
+    with as_file(files("flsec") / "configs" / "demo.toml") as path:
         cfg = build_config(read_toml(Path(path)))
     report = run_pipeline(cfg, out, progress=not quiet)
     _print_run(out, report)

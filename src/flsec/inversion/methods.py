@@ -38,41 +38,31 @@ Method = Callable[[Case, torch.Tensor, tuple[int, ...], InversionSettings], Inve
 METHODS: Registry[Method] = Registry("inversion method")
 
 
-@METHODS.register("geiping")
-def geiping(case: Case, labels: torch.Tensor, shape: tuple[int, ...], s: InversionSettings) -> InversionOutput:
-    """Inverting Gradients (Geiping, Bauermeister, Dröge & Moeller, NeurIPS 2020, eq. 4 and Sec. 4):
-    minimise 1 - cos(grad(x), g) + alpha TV(x) over x in the data box [0, 1], with Adam on the
-    *sign* of the gradient, step decay (x0.1 at 3/8, 5/8 and 7/8 of the iterations) and several
-    random restarts, keeping the restart of least loss."""
+Step = Callable[[], float]
+
+
+def _restarts(shape: tuple[int, ...], s: InversionSettings, desc: str,
+              make_step: Callable[[torch.Tensor], Step]) -> InversionOutput:
+    """Run ``s.restarts`` optimisations from seeded uniform noise; each iteration calls the step
+    returned by ``make_step(x)`` (which updates ``x`` in place and returns the objective before the
+    update). Keeps the best iterate of the best restart; Ctrl-C returns the best so far."""
     best = InversionOutput(torch.rand(shape), float("inf"))
-    bar = tqdm(total=s.iterations * s.restarts, desc="invert geiping", disable=not s.progress, dynamic_ncols=True)
-    done = 0
+    bar = tqdm(total=s.iterations * s.restarts, desc=desc, disable=not s.progress, dynamic_ncols=True)
     try:
         for restart in range(s.restarts):
-            g = torch.Generator().manual_seed(s.seed * 1000 + restart)
-            x = torch.rand(shape, generator=g).requires_grad_(True)
-            opt = torch.optim.Adam([x], lr=s.lr)
-            milestones = [int(s.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
-            sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+            x = torch.rand(shape, generator=torch.Generator().manual_seed(s.seed * 1000 + restart)).requires_grad_(True)
+            step = make_step(x)
             run_best, run_x = float("inf"), x.detach().clone()
             try:
                 for _ in range(s.iterations):
-                    opt.zero_grad(set_to_none=True)
-                    rec = cosine_distance(case.simulate(x, labels), case.observed)
-                    loss = rec + s.tv_weight * total_variation(x)
-                    (x.grad,) = torch.autograd.grad(loss, [x])
-                    value = float(rec.detach())
-                    if value < run_best:
-                        run_best, run_x = value, x.detach().clone()
-                    x.grad.sign_()
-                    opt.step()
-                    sched.step()
-                    with torch.no_grad():
-                        x.clamp_(0.0, 1.0)
-                    done += 1
+                    before = x.detach().clone()
+                    value = step()
+                    if value == value and value < run_best:  # NaN never wins
+                        run_best, run_x = value, before.clamp(0.0, 1.0)
+                    best.iterations_done += 1
                     bar.update(1)
-                    if done % 25 == 0:
-                        bar.set_postfix(loss=f"{value:.4f}", restart=restart)
+                    if best.iterations_done % 25 == 0:
+                        bar.set_postfix(loss=f"{value:.4g}", restart=restart)
             finally:
                 best.restart_losses.append(run_best)
                 if run_best < best.loss:
@@ -80,8 +70,35 @@ def geiping(case: Case, labels: torch.Tensor, shape: tuple[int, ...], s: Inversi
     except KeyboardInterrupt:
         best.interrupted = True
     bar.close()
-    best.iterations_done = done
     return best
+
+
+@METHODS.register("geiping")
+def geiping(case: Case, labels: torch.Tensor, shape: tuple[int, ...], s: InversionSettings) -> InversionOutput:
+    """Inverting Gradients (Geiping, Bauermeister, Dröge & Moeller, NeurIPS 2020, eq. 4 and Sec. 4):
+    minimise 1 - cos(grad(x), g) + alpha TV(x) over x in the data box [0, 1], with Adam on the
+    *sign* of the gradient, step decay (x0.1 at 3/8, 5/8 and 7/8 of the iterations) and several
+    random restarts, keeping the restart of least loss."""
+
+    def make_step(x: torch.Tensor) -> Step:
+        opt = torch.optim.Adam([x], lr=s.lr)
+        milestones = [int(s.iterations * f) for f in (3 / 8, 5 / 8, 7 / 8)]
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=milestones, gamma=0.1)
+
+        def step() -> float:
+            rec = cosine_distance(case.simulate(x, labels), case.observed)
+            loss = rec + s.tv_weight * total_variation(x)
+            (grad,) = torch.autograd.grad(loss, [x])
+            x.grad = grad.sign()
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                x.clamp_(0.0, 1.0)
+            return float(rec.detach())
+
+        return step
+
+    return _restarts(shape, s, "invert geiping", make_step)
 
 
 @METHODS.register("dlg")
@@ -90,39 +107,19 @@ def dlg(case: Case, labels: torch.Tensor, shape: tuple[int, ...], s: InversionSe
     squared L2 distance between simulated and observed gradients. With labels from iDLG (Zhao
     et al. 2020) instead of jointly optimised soft labels, this is iDLG. Each iteration is one
     L-BFGS step of up to 20 function evaluations; the output is clipped to [0, 1]."""
-    best = InversionOutput(torch.rand(shape), float("inf"))
     scale = float(case.observed.norm()) ** 2 or 1.0
-    bar = tqdm(total=s.iterations * s.restarts, desc="invert dlg", disable=not s.progress, dynamic_ncols=True)
-    done = 0
-    try:
-        for restart in range(s.restarts):
-            g = torch.Generator().manual_seed(s.seed * 1000 + restart)
-            x = torch.rand(shape, generator=g).requires_grad_(True)
-            opt = torch.optim.LBFGS([x], lr=1.0, max_iter=20, history_size=100, line_search_fn="strong_wolfe",
-                                    tolerance_grad=1e-12, tolerance_change=1e-15)
 
-            def closure(x: torch.Tensor = x, opt: torch.optim.LBFGS = opt) -> torch.Tensor:
-                opt.zero_grad(set_to_none=True)
-                diff = case.simulate(x, labels) - case.observed
-                loss = (diff * diff).sum() / scale
-                loss.backward(inputs=[x])
-                return loss
+    def make_step(x: torch.Tensor) -> Step:
+        opt = torch.optim.LBFGS([x], lr=1.0, max_iter=20, history_size=100, line_search_fn="strong_wolfe",
+                                tolerance_grad=1e-12, tolerance_change=1e-15)
 
-            run_best, run_x = float("inf"), x.detach().clone()
-            try:
-                for _ in range(s.iterations):
-                    value = float(opt.step(closure).detach())
-                    if value == value and value < run_best:  # skip NaN
-                        run_best, run_x = value, x.detach().clamp(0, 1).clone()
-                    done += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{value:.4g}", restart=restart)
-            finally:
-                best.restart_losses.append(run_best)
-                if run_best < best.loss:
-                    best.images, best.loss = run_x, run_best
-    except KeyboardInterrupt:
-        best.interrupted = True
-    bar.close()
-    best.iterations_done = done
-    return best
+        def closure() -> torch.Tensor:
+            opt.zero_grad(set_to_none=True)
+            diff = case.simulate(x, labels) - case.observed
+            loss = (diff * diff).sum() / scale
+            loss.backward(inputs=[x])
+            return loss
+
+        return lambda: float(opt.step(closure).detach())
+
+    return _restarts(shape, s, "invert dlg", make_step)
