@@ -40,10 +40,12 @@ def main() -> None:
     lines = ["| model | MA | ASR |", "|---|---|---|"]
     lines += [f"| {n} | {100 * m['ma']:.2f}% | {100 * m['asr']:.2f}% |" for n, m in rows]
     lines += ["", f"Inversion: {inv['images']} images, mean PSNR {inv['mean_psnr']:.2f} dB, label accuracy "
-              f"{100 * inv['label_accuracy']:.0f}%, trigger correlation {inv['mean_trigger_correlation']}. "
+              f"{100 * inv['label_accuracy']:.0f}%, trigger correlation "
+              f"{inv['mean_trigger_correlation']:.2f} (mean over poisoned samples). "
               f"Verification: backdoor {'found' if v.get('backdoor_found') else 'not found'}, suspected target "
               f"{v.get('suspected_target')}, {v.get('suspects')} suspects, mask IoU "
-              f"{v.get('mask_iou_with_true_trigger', float('nan')):.2f}. Wall time {seconds:.0f} s (resumed phases excluded).",
+              f"{v.get('mask_iou_with_true_trigger', float('nan')):.2f}. "
+              f"Wall time {seconds:.0f} s (resumed phases excluded).",
               f"Report: {report}"]
     write_text(ROOT / "benchmarks" / "results" / "unlearning.md", "\n".join(lines) + "\n")
     write_json(ROOT / "benchmarks" / "results" / "unlearning.json", {"rows": rows, "inversion": inv, "verification": v})

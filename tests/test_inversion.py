@@ -147,3 +147,26 @@ def test_invert_cli_bad_input(trained_run: Path, tmp_path: Path, args: list[str]
     assert proc.returncode == 2 and needle in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "inv").exists()
+
+
+def test_all_zero_gradient_is_reported_not_inverted(trained_run: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sample the model fits perfectly has an exactly-zero gradient: no images, no fake label guess."""
+    import flsec.inversion.attack as attack
+    from flsec.errors import FlsecError
+
+    real_build = attack.build_case
+
+    def zeroed(ckpt, target):  # type: ignore[no-untyped-def]
+        case, model = real_build(ckpt, target)
+        case.observed = torch.zeros_like(case.observed)
+        return case, model
+
+    monkeypatch.setattr(attack, "build_case", zeroed)
+    ckpt = load_checkpoint(trained_run)
+    settings = InversionSettings(iterations=5, progress=False)
+    res = attack.invert_one(ckpt, attack.available_targets(ckpt)[0], "geiping", settings)
+    assert res["images"] is None and res["metrics"]["uninformative"] and res["metrics"]["observed_norm"] == 0.0
+    with pytest.raises(FlsecError, match="all-zero gradient"):
+        attack.run_inversion(trained_run, tmp_path / "inv", settings=settings)
+    assert not (tmp_path / "inv" / "metrics.json").exists()

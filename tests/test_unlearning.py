@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -113,3 +115,11 @@ def test_pipeline_resumes_each_phase(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert page.count("data:image/png;base64,") >= 4  # rounds, weights, reconstructions, before/after
     for heading in ("Phase 1", "Phase 2", "Phase 3"):
         assert heading in page
+
+    # `flsec report` rebuilds the same page from the finished phases; a non-run directory is refused.
+    report.unlink()
+    proc = subprocess.run([sys.executable, "-m", "flsec.cli", "report", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert report.read_text() == page
+    proc = subprocess.run([sys.executable, "-m", "flsec.cli", "report", str(tmp_path)], capture_output=True, text=True)
+    assert proc.returncode == 2 and "run_dir:" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -78,6 +78,9 @@ def invert(
                f"labels {100 * s['label_accuracy']:.0f}%"
                + (f"  trigger corr {trig:.2f}" if trig is not None else "")
                + f"  ({s['seconds_per_image']:.1f} s/image) -> {out / 'reconstructed_images'}")
+    if s["uninformative_targets"]:
+        typer.echo(f"skipped {s['uninformative_targets']} capture(s) whose gradient is exactly zero (samples the model "
+                   "already fits perfectly carry no information); see metrics.json")
 
 
 @app.command()
@@ -148,6 +151,19 @@ def demo(
         cfg = build_config(read_toml(Path(path)))
     report = run_pipeline(cfg, out, progress=not quiet)
     _print_run(out, report)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a `flsec run` directory (train/, invert/, unlearn/)")],
+) -> None:
+    """Rebuild report.html of a run directory from its finished phases."""
+    from flsec.errors import ConfigError
+    from flsec.report.html import write_report
+
+    if not (run_dir / "train" / "meta.json").exists():
+        raise ConfigError(f"run_dir: {run_dir} holds no train/meta.json; pass a directory written by `flsec run`")
+    typer.echo(f"report: {write_report(run_dir).resolve()}")
 
 
 def _print_run(out: Path, report: Path) -> None:

@@ -94,6 +94,13 @@ def invert_one(ckpt: Checkpoint, target: Target, method: str, settings: Inversio
     """Reconstruct one capture; returns images, labels and scores."""
     invert = METHODS.get(method)
     case, model = build_case(ckpt, target)
+    observed_norm = float(case.observed.norm())
+    if not observed_norm > 0.0 or observed_norm == float("inf"):
+        # A sample the model fits perfectly (e.g. a triggered input of a saturated backdoor) has a
+        # cross-entropy gradient of exactly zero in float32: it carries no information to invert.
+        return {"target": target, "images": None, "labels": None, "truth": None,
+                "metrics": {"uninformative": True, "observed_norm": observed_norm, "psnr": [], "seconds": 0.0,
+                            "interrupted": False, "malicious_client": target.client in ckpt.meta.get("malicious_ids", [])}}
     spec = ckpt.input_spec()
     shape = (case.num_images, spec.channels, spec.height, spec.width)
     labels = infer_labels(model, case.output_bias_gradient().detach(), case.num_images, shape[1:])
@@ -115,7 +122,7 @@ def invert_one(ckpt: Checkpoint, target: Target, method: str, settings: Inversio
                         "iterations_done": out.iterations_done, "interrupted": out.interrupted,
                         "seconds": seconds, "seconds_per_image": seconds / case.num_images,
                         "true_labels": true_y.tolist(), "inferred_labels": labels[order].tolist(),
-                        "malicious_client": target.client in malicious,
+                        "malicious_client": target.client in malicious, "observed_norm": observed_norm,
                         "poisoned": [] if poisoned is None else poisoned.tolist()}}
 
 
@@ -135,6 +142,9 @@ def run_inversion(checkpoint: Path, out: Path, *, round_: int | None = None, cli
         res = _cached(out, target, key)
         if res is None:
             res = invert_one(ckpt, target, method, settings)
+            if res["images"] is None:
+                results.append({**asdict(target), **res["metrics"]})
+                continue
             if not res["metrics"]["interrupted"]:
                 _cache(out, target, key, res)
         for i, img in enumerate(res["images"]):
@@ -146,6 +156,11 @@ def run_inversion(checkpoint: Path, out: Path, *, round_: int | None = None, cli
         results.append({**asdict(target), **res["metrics"]})
         if res["metrics"]["interrupted"]:
             break
+    if not all_images:
+        raise FlsecError(
+            f"checkpoint: every selected capture ({len(results)}) is an all-zero gradient, so there is nothing to "
+            "invert; capture earlier rounds (capture.rounds) where the model does not yet fit those samples"
+        )
     write_tensors(out / "reconstructions.safetensors",
                   {"images": torch.cat(all_images), "labels": torch.cat(all_labels).long(),
                    "sources": torch.tensor(sources, dtype=torch.long)},
@@ -189,6 +204,7 @@ def _summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
             "mean_ssim": mean("mean_ssim", results), "label_accuracy": mean("label_accuracy", results),
             "mean_trigger_correlation": mean("mean_trigger_correlation", results),
             "seconds_per_image": sum(r["seconds"] for r in results) / max(n_images, 1),
+            "uninformative_targets": sum(bool(r.get("uninformative")) for r in results),
             "interrupted": any(r["interrupted"] for r in results)}
 
 

@@ -83,7 +83,11 @@ def write_report(run_dir: Path) -> Path:
             parts.append(_img(plots.reconstruction_grid(torch.stack(truths), torch.stack(recons), captions),
                               "truth vs reconstruction"))
         parts.append(f"<p class='note'>{int(rec['images'].shape[0])} reconstructions by {html.escape(inv['method'])}; "
-                     "scores use the evaluation-only ground truth, which the attack never reads.</p>")
+                     "scores use the evaluation-only ground truth, which the attack never reads."
+                     + (f" {s['uninformative_targets']} capture(s) were skipped: their gradient is exactly zero, because "
+                        "the model already fits those samples perfectly (a saturated backdoor does this to triggered "
+                        "inputs), so they carry nothing to invert." if s.get("uninformative_targets") else "")
+                     + "</p>")
 
     unl_metrics = run_dir / "unlearn" / "metrics.json"
     if unl_metrics.is_file():
