@@ -47,7 +47,7 @@ def weights_plot(history: list[dict[str, Any]]) -> bytes:
     r = [h["round"] for h in rows]
     ax.stackplot(r, att, hon, labels=["attackers", "honest clients"], colors=["#d62728", "#1f77b4"], alpha=0.8)
     ax.set_xlabel("round")
-    ax.set_ylabel("share of the aggregate")
+    ax.set_ylabel("weight given by the rule")
     ax.set_ylim(0, 1)
     ax.legend(loc="upper right", fontsize=8)
     return _png(fig)
