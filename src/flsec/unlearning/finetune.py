@@ -87,10 +87,14 @@ def corrective_unlearning(model: nn.Module, images: torch.Tensor, estimate: Trig
 
 
 def plain_finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s: FinetuneSettings) -> nn.Module:
-    """Baseline: the same budget of steps on real clean images with their true labels, no trigger knowledge."""
+    """Baseline: the same budget of steps on real clean images with their true labels, no trigger knowledge.
+
+    Only the pixel noise of :func:`augment` is used: cross-entropy on a few dozen shifted images
+    teaches small-image models the shifted digits instead (on 8x8 digits a 1-pixel shift drops MA
+    from 97% to 58%), which would make the baseline look worse than plain fine-tuning is."""
 
     def loss_fn(student: nn.Module, g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(images), (s.batch_size,), generator=g)
-        return F.cross_entropy(student(augment(images[idx], g, s.shift, s.noise)), labels[idx])
+        return F.cross_entropy(student(augment(images[idx], g, 0, s.noise)), labels[idx])
 
     return _loop(model, s, "fine-tune baseline", loss_fn)
