@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from flsec.config import load_config
 from flsec.fl.server import train
 from flsec.io import write_json, write_text
@@ -73,7 +75,7 @@ def main() -> None:
         cells = [f"{100 * row[s][m]:.1f}" for s in SCENARIOS for m in ("ma", "asr")]
         lines.append(f"| {rule} | " + " | ".join(cells) + f" | {'yes' if holds else 'no'} |")
     note = ("\n\nMA/ASR in % after the last round. 'holds' = under both attacks, ASR <= 10% and MA within 2 points "
-            "of FedAvg's no-attack MA (the federation's clean baseline).\n")
+            f"of FedAvg's no-attack MA (the federation's clean baseline). {torch.get_num_threads()} CPU thread(s).\n")
     write_text(out.with_suffix(".md"), "\n".join(lines) + note)
     write_json(out.with_suffix(".json"), {"rounds": args.rounds, "results": results})
     print("\n".join(lines))
