@@ -120,7 +120,8 @@ class CaptureConfig(_Section):
     clients: Literal["malicious", "all"] | list[int] = Field("malicious", description="clients to capture")
     updates: bool = Field(True, description="store the client's full local update (FedAvg)")
     gradient_batch_sizes: list[int] = Field(
-        default_factory=list, description="also store the gradient of one local batch of each size (FedSGD)"
+        default_factory=lambda: [1],
+        description="also store the gradient of one local batch of each size (FedSGD); [] for none",
     )
 
     @field_validator("gradient_batch_sizes")

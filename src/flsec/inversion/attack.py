@@ -81,7 +81,8 @@ def build_case(ckpt: Checkpoint, target: Target) -> tuple[Case, torch.nn.Module]
         if meta["num_samples"] > MAX_UPDATE_IMAGES:
             raise FlsecError(
                 f"--target update: client {target.client} trained on {meta['num_samples']} images; replaying "
-                f"more than {MAX_UPDATE_IMAGES} is impractical, invert a captured gradient instead"
+                f"more than {MAX_UPDATE_IMAGES} is impractical; invert a captured gradient (--target gradient_b<B>, "
+                f"captured with capture.gradient_batch_sizes) instead"
             )
         case: Case = UpdateCase(model, observed, meta["num_samples"], meta["epochs"], meta["batch_size"],
                                 meta["lr"], meta["momentum"], meta["weight_decay"])
