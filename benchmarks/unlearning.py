@@ -3,6 +3,11 @@ table of MA/ASR before and after unlearning from reconstructions, next to the ba
 
     .venv/bin/python benchmarks/unlearning.py [--data-dir ../shared/data] [--out runs/mnist_unlearning]
 
+The same on Fashion-MNIST:
+
+    .venv/bin/python benchmarks/unlearning.py --set 'data.name="fashion_mnist"' \
+        --out runs/fmnist_unlearning --results benchmarks/results/unlearning_fashion_mnist
+
 Re-running resumes finished phases. Writes benchmarks/results/unlearning.md and .json.
 """
 
@@ -25,6 +30,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--out", default=str(ROOT / "runs" / "mnist_unlearning"))
     ap.add_argument("--set", nargs="*", default=[], help="extra config overrides")
+    ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "unlearning"),
+                    help="where the .md and .json tables go (without suffix)")
     args = ap.parse_args()
     cfg = load_config(ROOT / "configs" / "mnist_unlearning.toml", [f"data.data_dir=\"{args.data_dir}\"", *args.set])
     t0 = time.perf_counter()
@@ -47,8 +54,10 @@ def main() -> None:
               f"{v.get('mask_iou_with_true_trigger', float('nan')):.2f}. "
               f"Wall time {seconds:.0f} s (resumed phases excluded).",
               f"Report: {report}"]
-    write_text(ROOT / "benchmarks" / "results" / "unlearning.md", "\n".join(lines) + "\n")
-    write_json(ROOT / "benchmarks" / "results" / "unlearning.json", {"rows": rows, "inversion": inv, "verification": v})
+    results = Path(args.results)
+    write_text(results.with_suffix(".md"), "\n".join(lines) + "\n")
+    write_json(results.with_suffix(".json"), {"config": cfg.model_dump(mode="json"), "rows": rows, "inversion": inv,
+                                              "verification": v})
     print("\n".join(lines))
 
 
