@@ -74,3 +74,9 @@ def test_shipped_configs_validate() -> None:
     assert files
     for f in files:
         load_config(f)
+
+
+def test_packaged_demo_config_is_the_one_in_configs() -> None:
+    """`flsec demo` reads the packaged copy; configs/demo.toml is what users read and edit."""
+    root = Path(__file__).resolve().parents[1]
+    assert (root / "src" / "flsec" / "configs" / "demo.toml").read_bytes() == (root / "configs" / "demo.toml").read_bytes()

@@ -87,14 +87,15 @@ class RunWriter:
                       truth: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
         meta = {k: json.dumps(v) for k, v in metadata.items()}
         for kind, payload in (("updates", tensors), ("truth", truth)):
-            rel = capture_path(kind, round_, client)
-            write_tensors(self.root / rel, payload, meta)
-            self.files[rel] = sha256_file(self.root / rel)
+            self._write_listed(capture_path(kind, round_, client), payload, meta)
         self.captures.append({"round": round_, "client": client, "tensors": sorted(tensors), **metadata})
 
     def write_round_model(self, round_: int, model: nn.Module) -> None:
-        rel = global_model_path(round_)
-        write_tensors(self.root / rel, dict(model.state_dict()))
+        self._write_listed(global_model_path(round_), dict(model.state_dict()))
+
+    def _write_listed(self, rel: str, tensors: dict[str, torch.Tensor], meta: dict[str, str] | None = None) -> None:
+        """Write a tensor file that stays in the run and list its hash for meta.json."""
+        write_tensors(self.root / rel, tensors, meta)
         self.files[rel] = sha256_file(self.root / rel)
 
     def commit_round(self, round_: int, model: nn.Module, aggregator_state: dict[str, torch.Tensor],

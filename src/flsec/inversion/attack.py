@@ -8,6 +8,7 @@ round, the tensor the client sent back and the client's declared local hyper-par
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from flsec.attacks.backdoor import make_trigger
 from flsec.errors import ConfigError, FlsecError
-from flsec.fl.checkpoint import Checkpoint, load_checkpoint
+from flsec.fl.checkpoint import Checkpoint, load_checkpoint, read_tensor_metadata, read_tensors
 from flsec.inversion.cases import Case, GradientCase, UpdateCase
 from flsec.inversion.images import save_grid, save_png
 from flsec.inversion.labels import infer_labels
@@ -37,6 +38,11 @@ class Target:
     @property
     def tag(self) -> str:
         return f"r{self.round}_c{self.client}_{self.kind}"
+
+
+def part_path(out: Path, target: Target) -> Path:
+    """Where a finished capture's reconstruction is kept (resume cache, report figures)."""
+    return out / "parts" / f"{target.tag}.safetensors"
 
 
 def available_targets(ckpt: Checkpoint) -> list[Target]:
@@ -95,25 +101,25 @@ def invert_one(ckpt: Checkpoint, target: Target, method: str, settings: Inversio
     """Reconstruct one capture; returns images, labels and scores."""
     invert = METHODS.get(method)
     case, model = build_case(ckpt, target)
+    malicious = sorted(ckpt.meta.get("malicious_ids", []))
     observed_norm = float(case.observed.norm())
-    if not observed_norm > 0.0 or observed_norm == float("inf"):
+    if not (math.isfinite(observed_norm) and observed_norm > 0.0):
         # A sample the model fits perfectly (e.g. a triggered input of a saturated backdoor) has a
         # cross-entropy gradient of exactly zero in float32: it carries no information to invert.
         return {"target": target, "images": None, "labels": None, "truth": None,
                 "metrics": {"uninformative": True, "observed_norm": observed_norm, "psnr": [], "seconds": 0.0,
-                            "interrupted": False, "malicious_client": target.client in ckpt.meta.get("malicious_ids", [])}}
+                            "interrupted": False, "malicious_client": target.client in malicious}}
     spec = ckpt.input_spec()
     shape = (case.num_images, spec.channels, spec.height, spec.width)
     labels = infer_labels(model, case.output_bias_gradient().detach(), case.num_images, shape[1:])
     t0 = time.perf_counter()
     out = invert(case, labels, shape, settings)
     seconds = time.perf_counter() - t0
-    prefix = target.kind + "/" if target.kind != "update" else "update/"
+    prefix = f"{target.kind}/"
     truth = ckpt.truth(target.round, target.client)
     true_x, true_y = truth[prefix + "images"], truth[prefix + "labels"]
     poisoned = truth.get(prefix + "poisoned")
     trigger = make_trigger(ckpt.config.attack.trigger, spec.height, spec.width)
-    malicious = sorted(ckpt.meta.get("malicious_ids", []))
     if target.client in malicious:
         trigger = trigger.part(malicious.index(target.client), ckpt.config.attack.trigger.dba_parts)
     metrics = score(out.images, true_x, labels, true_y, poisoned, trigger.mask)
@@ -174,17 +180,14 @@ def run_inversion(checkpoint: Path, out: Path, *, round_: int | None = None, cli
 
 
 def _cache(out: Path, target: Target, key: str, res: dict[str, Any]) -> None:
-    metrics = {k: v for k, v in res["metrics"].items()}
-    write_tensors(out / "parts" / f"{target.tag}.safetensors",
+    write_tensors(part_path(out, target),
                   {"images": res["images"], "labels": res["labels"].long(), "truth": res["truth"]},
-                  {"key": key, "metrics": json.dumps(metrics)})
+                  {"key": key, "metrics": json.dumps(res["metrics"])})
 
 
 def _cached(out: Path, target: Target, key: str) -> dict[str, Any] | None:
     """A finished target of an earlier, interrupted run with the same settings."""
-    from flsec.fl.checkpoint import read_tensor_metadata, read_tensors
-
-    path = out / "parts" / f"{target.tag}.safetensors"
+    path = part_path(out, target)
     if not path.is_file():
         return None
     meta = read_tensor_metadata(path)
@@ -211,8 +214,6 @@ def _summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 def read_reconstructions(path: Path) -> dict[str, torch.Tensor]:
     """Reconstructions written by :func:`run_inversion` (``path`` is the folder or the file)."""
-    from flsec.fl.checkpoint import read_tensors
-
     path = Path(path)
     candidates = [path, path / "reconstructions.safetensors", path.parent / "reconstructions.safetensors"]
     for c in candidates:
@@ -221,5 +222,5 @@ def read_reconstructions(path: Path) -> dict[str, torch.Tensor]:
     raise FlsecError(f"--images: no reconstructions.safetensors in or beside {path}; run `flsec invert` first")
 
 
-__all__ = ["Target", "available_targets", "invert_one", "read_reconstructions", "run_inversion",
+__all__ = ["Target", "available_targets", "invert_one", "part_path", "read_reconstructions", "run_inversion",
            "select_targets"]

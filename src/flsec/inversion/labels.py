@@ -19,10 +19,12 @@ def idlg_label(bias_grad: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def mean_softmax_on_noise(model: nn.Module, shape: tuple[int, ...], samples: int = 64, seed: int = 0) -> torch.Tensor:
+def mean_softmax_on_noise(model: nn.Module, image_shape: tuple[int, ...], samples: int = 64,
+                          seed: int = 0) -> torch.Tensor:
+    """The model's mean softmax over uniform-noise images of shape C x H x W (the p_bar estimate)."""
     g = torch.Generator().manual_seed(seed)
     model.eval()
-    x = torch.rand((samples, *shape[1:]), generator=g)
+    x = torch.rand((samples, *image_shape), generator=g)
     return torch.softmax(model(x), dim=1).mean(dim=0)
 
 
@@ -56,5 +58,5 @@ def infer_labels(model: nn.Module, bias_grad: torch.Tensor, batch_size: int,
     """Labels of a batch from its output-layer bias gradient (iDLG for B = 1)."""
     if batch_size == 1:
         return torch.tensor([idlg_label(bias_grad)])
-    counts = label_counts(bias_grad, batch_size, mean_softmax_on_noise(model, (batch_size, *image_shape)))
+    counts = label_counts(bias_grad, batch_size, mean_softmax_on_noise(model, image_shape))
     return torch.repeat_interleave(torch.arange(len(counts)), counts)

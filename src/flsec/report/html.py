@@ -12,6 +12,7 @@ import torch
 
 from flsec.attacks.backdoor import make_trigger
 from flsec.fl.checkpoint import load_checkpoint, read_tensors
+from flsec.inversion.attack import Target, part_path
 from flsec.io import write_text
 from flsec.report import plots
 
@@ -67,11 +68,10 @@ def write_report(run_dir: Path) -> Path:
                             [[s["images"], f"{s['mean_psnr']:.2f} dB", f"{s['mean_ssim']:.3f}", _pct(s["label_accuracy"]),
                               "n/a" if s["mean_trigger_correlation"] is None else f"{s['mean_trigger_correlation']:.2f}",
                               f"{s['seconds_per_image']:.1f}"]]))
-        rec = read_tensors(run_dir / "invert" / "reconstructions.safetensors")
         truths, recons, captions = [], [], []
         ordered = sorted(inv["targets"], key=lambda t: (not t["malicious_client"], -t["round"], t["client"]))
         for t in ordered:
-            part = run_dir / "invert" / "parts" / f"r{t['round']}_c{t['client']}_{t['kind']}.safetensors"
+            part = part_path(run_dir / "invert", Target(t["round"], t["client"], t["kind"]))
             if part.is_file():
                 p = read_tensors(part)
                 for i in range(len(p["images"])):
@@ -82,7 +82,7 @@ def write_report(run_dir: Path) -> Path:
         if truths:
             parts.append(_img(plots.reconstruction_grid(torch.stack(truths), torch.stack(recons), captions),
                               "truth vs reconstruction"))
-        parts.append(f"<p class='note'>{int(rec['images'].shape[0])} reconstructions by {html.escape(inv['method'])}; "
+        parts.append(f"<p class='note'>{s['images']} reconstructions by {html.escape(inv['method'])}; "
                      "scores use the evaluation-only ground truth, which the attack never reads."
                      + (f" {s['uninformative_targets']} capture(s) were skipped: their gradient is exactly zero, because "
                         "the model already fits those samples perfectly (a saturated backdoor does this to triggered "

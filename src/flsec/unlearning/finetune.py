@@ -2,22 +2,21 @@
 
 Corrective unlearning (in the spirit of Neural Cleanse's unlearning step, Wang et al. 2019, here
 with a trigger estimated from gradient-inversion reconstructions): the model is fine-tuned so
-that reconstructions *stamped with the estimated trigger* keep their clean class, while a
-distillation term (Hinton et al. 2015) towards the original model on the clean reconstructions
-retains the main task:
+that reconstructions *stamped with the estimated trigger* give the output the original model
+gives on the clean reconstruction, while a distillation term (Hinton et al. 2015) towards the
+original model on the clean reconstructions retains the main task:
 
-    L = CE(f(stamp(aug(x))), y_clean) + KL(f_orig(aug(x)) || f(stamp(aug(x))))
-        + lambda * KL(f_orig(aug(x)) || f(aug(x)))
+    L = KL(f_orig(aug(x)) || f(stamp(aug(x)))) + lambda * KL(f_orig(aug(x)) || f(aug(x)))
 
-(the middle term asks the triggered input to give the *same output distribution* as the clean one)
-
-where x are the reconstructions with the trigger region filled by the clean reference and
-y_clean the original model's prediction on them. No real training data is used.
+where x are the reconstructions with the trigger region filled by the clean reference. Matching
+the whole output distribution (rather than a hard label) keeps the clean class and its
+uncertainty. No real training data is used.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +52,8 @@ def augment(x: torch.Tensor, g: torch.Generator, shift: int, noise: float) -> to
     return x.clamp(0.0, 1.0)
 
 
-def _loop(model: nn.Module, s: FinetuneSettings, desc: str, loss_fn) -> nn.Module:  # type: ignore[no-untyped-def]
+def _loop(model: nn.Module, s: FinetuneSettings, desc: str,
+          loss_fn: Callable[[nn.Module, torch.Generator], torch.Tensor]) -> nn.Module:
     student = copy.deepcopy(model)
     student.train()
     opt = torch.optim.SGD(student.parameters(), lr=s.lr, momentum=0.9)

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from flsec.config import UnlearningConfig
+from flsec.config import ExperimentConfig, UnlearningConfig
 from flsec.errors import FlsecError
 from flsec.fl.checkpoint import RunWriter, load_checkpoint
 from flsec.fl.federation import Federation
@@ -73,7 +73,7 @@ def run_unlearning(checkpoint: Path, images: Path, out: Path, settings: Finetune
         tuned = plain_finetune(model, fed.data.x_train[idx], fed.data.y_train[idx],
                                replace(settings, progress=progress))
         result["baseline_finetune"] = {**fed.evaluate(tuned), "clean_images": n}
-        result["baseline_retrain"] = _retrain_without_attackers(ckpt.config, progress)
+        result["baseline_retrain"] = _retrain_without_attackers(ckpt.config, fed, progress)
 
     writer = RunWriter(out / "checkpoint", ckpt.config)
     history = [*ckpt.history, {"round": ckpt.round, "phase": "unlearning", **result["after"]}]
@@ -97,8 +97,9 @@ def _unlearn(model: torch.nn.Module, x: torch.Tensor, est: TriggerEstimate, out:
     return corrective_unlearning(model, x, est, settings)
 
 
-def _retrain_without_attackers(config, progress: bool) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    """Baseline: the same federation and rounds with the attackers' participation removed."""
+def _retrain_without_attackers(config: ExperimentConfig, fed: Federation, progress: bool) -> dict[str, Any]:
+    """Baseline: the same federation and rounds with the attackers' participation removed; scored by
+    ``fed`` (the original federation), so ASR uses the original trigger and target."""
     from flsec.fl.server import train
 
     data = copy.deepcopy(config.model_dump(mode="json"))
@@ -109,5 +110,4 @@ def _retrain_without_attackers(config, progress: bool) -> dict[str, Any]:  # typ
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = train(clean_cfg, Path(tmp) / "retrain", progress=progress)
         model = ckpt.build_model()
-    fed = Federation.from_config(config)  # ASR measured with the original trigger and target
     return {**fed.evaluate(model), "rounds": config.training.rounds}

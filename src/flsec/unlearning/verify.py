@@ -68,6 +68,12 @@ def _normalise(t: torch.Tensor) -> torch.Tensor:
     return t / t.max() if t.max() > 0 else t
 
 
+def box_origin(centre: tuple[int, int], box: int, h: int, w: int) -> tuple[int, int]:
+    """Top-left corner of the ``box`` x ``box`` square centred on ``centre``, shifted to lie inside H x W."""
+    half = box // 2
+    return min(max(0, centre[0] - half), max(0, h - box)), min(max(0, centre[1] - half), max(0, w - box))
+
+
 def estimate_trigger(suspects: torch.Tensor, looked_at: torch.Tensor, reference: torch.Tensor | None,
                      centre: tuple[int, int], box: int, margin: float = 0.1) -> TriggerEstimate:
     """The trigger shared by the suspect reconstructions (see the module docstring).
@@ -85,9 +91,7 @@ def estimate_trigger(suspects: torch.Tensor, looked_at: torch.Tensor, reference:
     mean = suspects.mean(dim=0)
     distinct = ((mean - ref_mean).abs() / (suspects.std(dim=0, unbiased=False) + 0.05)).mean(dim=0)
     heat = _normalise(_normalise(distinct) * _normalise(looked_at))
-    half = box // 2
-    r0 = min(max(0, centre[0] - half), max(0, h - box))
-    c0 = min(max(0, centre[1] - half), max(0, w - box))
+    r0, c0 = box_origin(centre, box, h, w)
     r1, c1 = r0 + box, c0 + box
     differs = (mean - ref_mean).abs().amax(dim=0) > margin
     while r1 - r0 > 1 and not differs[r0, c0:c1].any():
@@ -133,13 +137,11 @@ def paste_flip_rates(model: nn.Module, images: torch.Tensor, pred: torch.Tensor,
     trigger is universal (near 1); a piece of a clean digit rarely is."""
     n, _, h, w = images.shape
     rates = torch.zeros(n)
-    half = box // 2
     for i in range(n):
         others = images[pred != pred[i]]
         if len(others) == 0:
             continue
-        r0 = min(max(0, int(rows[i]) - half), max(0, h - box))
-        c0 = min(max(0, int(cols[i]) - half), max(0, w - box))
+        r0, c0 = box_origin((int(rows[i]), int(cols[i])), box, h, w)
         r1, c1 = r0 + box, c0 + box
         pasted = others.clone()
         pasted[:, :, r0:r1, c0:c1] = images[i, :, r0:r1, c0:c1]
