@@ -160,6 +160,12 @@ class UnlearningConfig(_Section):
     baselines: bool = Field(True, description="also run plain fine-tuning and retraining without attackers")
 
 
+class RuntimeConfig(_Section):
+    """How a run is executed; changing it never changes what is computed beyond float rounding."""
+
+    client_engine: Literal["sequential"] = Field("sequential", description="how a round's clients are run")
+
+
 class ExperimentConfig(_Section):
     name: str = "experiment"
     seed: int = 0
@@ -172,6 +178,7 @@ class ExperimentConfig(_Section):
     capture: CaptureConfig = CaptureConfig()
     inversion: InversionConfig = InversionConfig()
     unlearning: UnlearningConfig = UnlearningConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ExperimentConfig:

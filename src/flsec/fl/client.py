@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +35,37 @@ class LocalResult:
     steps: int
 
 
+def client_batches(x: torch.Tensor, y: torch.Tensor, spec: LocalSpec, generator: torch.Generator,
+                   transform: BatchTransform | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """A client's mini-batches in training order: a fresh permutation per epoch, and the batch
+    transform (e.g. backdoor poisoning) drawing from the same generator, batch after batch."""
+    for _ in range(spec.epochs):
+        order = torch.randperm(len(y), generator=generator)
+        for idx in order.split(spec.batch_size):
+            xb, yb = x[idx], y[idx]
+            if transform is not None:
+                xb, yb = transform(xb, yb, generator)
+            yield xb, yb
+
+
+def local_train_on(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+                   spec: LocalSpec) -> LocalResult:
+    """SGD (with the momentum and weight decay of ``spec``) from the model's current weights over
+    ``batches``; returns the update (local - start) as a flat vector."""
+    start = get_flat(model)
+    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+    model.train()
+    total, steps = 0.0, 0
+    for xb, yb in batches:
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(xb), yb)
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+        steps += 1
+    return LocalResult(get_flat(model) - start, total / max(steps, 1), steps)
+
+
 def local_train(
     model: nn.Module,
     x: torch.Tensor,
@@ -43,27 +74,8 @@ def local_train(
     generator: torch.Generator,
     transform: BatchTransform | None = None,
 ) -> LocalResult:
-    """SGD from the model's current weights; returns the update (local - start) as a flat vector.
-
-    ``transform`` acts on each mini-batch (e.g. backdoor poisoning) with the same generator.
-    """
-    start = get_flat(model)
-    opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-    model.train()
-    total, steps = 0.0, 0
-    for _ in range(spec.epochs):
-        order = torch.randperm(len(y), generator=generator)
-        for idx in order.split(spec.batch_size):
-            xb, yb = x[idx], y[idx]
-            if transform is not None:
-                xb, yb = transform(xb, yb, generator)
-            opt.zero_grad(set_to_none=True)
-            loss = F.cross_entropy(model(xb), yb)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach())
-            steps += 1
-    return LocalResult(get_flat(model) - start, total / max(steps, 1), steps)
+    """:func:`local_train_on` over :func:`client_batches` of (x, y)."""
+    return local_train_on(model, client_batches(x, y, spec, generator, transform), spec)
 
 
 def batch_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""One client's part of one round: the unit of work every engine runs.
+
+The server sends a :class:`ClientTask` (the global weights, the round, what the simulation knows about
+the round's attackers) and gets back a :class:`ClientReply` (the update the client sends, its sample
+count and, when the run records this client, a :class:`CaptureRecord`). :func:`run_client` is the
+single definition of what a client does: the sequential engine calls it in a loop, the Flower
+ClientApp calls it in a worker, and the vectorised engine must reproduce its arithmetic exactly
+(same batches from :func:`client_batches`, same optimiser maths).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from flsec.attacks.backdoor import poison_batch
+from flsec.attacks.boosting import boost, default_boost_factor
+from flsec.fl.client import batch_gradient, client_batches, local_train_on
+from flsec.fl.federation import Federation
+from flsec.fl.params import derive_seed, generator, set_flat
+
+# Purposes mixed into derived seeds so that random streams never overlap.
+SELECT, LOCAL, CAPTURE, AGGREGATE = 1, 2, 3, 4
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """What the server sends one client in round ``round`` (1-based).
+
+    ``num_selected`` and ``attackers_in_round`` are what colluding attackers are assumed to know
+    (they size the boost factor of model replacement); an honest client ignores them.
+    """
+
+    client: int
+    round: int
+    global_weights: torch.Tensor
+    num_selected: int
+    attackers_in_round: int
+    capture: bool = False
+
+
+@dataclass
+class CaptureRecord:
+    """What the run directory keeps of one client's reply: the tensors it sent (``sent``), the
+    ground truth behind them (``truth``, for scoring reconstructions only) and replay metadata."""
+
+    sent: dict[str, torch.Tensor]
+    truth: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+
+@dataclass
+class ClientReply:
+    client: int
+    update: torch.Tensor
+    num_samples: int
+    loss: float
+    steps: int
+    capture: CaptureRecord | None = field(default=None, repr=False)
+
+
+def local_seed(seed: int, round_: int, client: int) -> int:
+    """The seed of a client's local data order and poisoning draws in a round."""
+    return derive_seed(seed, round_, client, LOCAL)
+
+
+def boost_factor(fed: Federation, task: ClientTask) -> float:
+    """gamma of model replacement for this client's round (1.0 when it does not boost)."""
+    a = fed.config.attack
+    if not (a.boost and fed.attacking(task.client, task.round)):
+        return 1.0
+    return a.boost_factor or default_boost_factor(task.num_selected, fed.config.training.server_lr,
+                                                  task.attackers_in_round)
+
+
+def capture_gradients(fed: Federation, model: nn.Module, client: int, round_: int,
+                      x: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """FedSGD gradients of one batch of each configured size, on the global model the client received."""
+    sent: dict[str, torch.Tensor] = {}
+    truth: dict[str, torch.Tensor] = {}
+    a = fed.config.attack
+    for b in fed.config.capture.gradient_batch_sizes:
+        g = generator(fed.config.seed, round_, client, CAPTURE, b)
+        idx = torch.randperm(len(y), generator=g)[: min(b, len(y))]
+        xb, yb = x[idx], y[idx]
+        poisoned = torch.zeros(len(yb), dtype=torch.bool)
+        if a.kind == "backdoor" and fed.attacking(client, round_):
+            xb, yb, poisoned = poison_batch(xb, yb, fed.client_trigger(client), a.target_label, a.poison_fraction, g)
+        sent[f"gradient_b{b}"] = batch_gradient(model, xb, yb)
+        truth[f"gradient_b{b}/images"] = xb
+        truth[f"gradient_b{b}/labels"] = yb
+        truth[f"gradient_b{b}/poisoned"] = poisoned.to(torch.uint8)
+    return sent, truth
+
+
+def run_client(fed: Federation, model: nn.Module, task: ClientTask) -> ClientReply:
+    """One client's round: start from the global weights, (optionally) capture FedSGD gradients,
+    train locally on its (possibly poisoned) data, apply update-level attacks, reply.
+
+    ``model`` is scratch space: its weights are overwritten with ``task.global_weights``.
+    """
+    c, r, spec = task.client, task.round, fed.local_spec
+    set_flat(model, task.global_weights)
+    x, y = fed.client_data(c)
+    sent: dict[str, torch.Tensor] = {}
+    truth: dict[str, torch.Tensor] = {}
+    if task.capture and fed.config.capture.gradient_batch_sizes:
+        sent, truth = capture_gradients(fed, model, c, r, x, y)
+    seed = local_seed(fed.config.seed, r, c)
+    batches = client_batches(x, y, spec, torch.Generator().manual_seed(seed), fed.transform(c, r))
+    res = local_train_on(model, batches, spec)
+    gamma = boost_factor(fed, task)
+    update = boost(res.update, gamma) if gamma != 1.0 else res.update
+    capture = None
+    if task.capture:
+        if fed.config.capture.updates:
+            sent["update"] = update
+            truth["update/images"], truth["update/labels"] = x, y
+        meta = {"malicious": c in fed.malicious, "attacking": fed.attacking(c, r), "num_samples": len(y),
+                "epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,
+                "momentum": spec.momentum, "weight_decay": spec.weight_decay, "steps": res.steps,
+                "boost_factor": gamma, "local_seed": seed}
+        capture = CaptureRecord(sent, truth, meta)
+    return ClientReply(c, update, len(y), res.loss, res.steps, capture)
