@@ -66,3 +66,37 @@ def test_boosted_attacker_reply_is_scaled_and_recorded(tmp_path: Path) -> None:
     unboosted = run_client(plain.fed, plain.fed.new_model(), plain.begin_round(1)[0])
     assert torch.allclose(reply.update, 6.0 * unboosted.update)
     assert unboosted.capture is not None and unboosted.capture.meta["boost_factor"] == 1.0
+
+
+def test_training_hooks_are_called_in_order_and_can_change_the_update() -> None:
+    from flsec.fl.client import LocalSpec, TrainingHooks, client_batches, local_train_on
+    from flsec.fl.params import get_flat, set_flat
+
+    class Freeze(TrainingHooks):
+        """Zero every gradient and undo every step: the update must be exactly zero."""
+
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        def begin(self, model: torch.nn.Module) -> None:
+            self.start = get_flat(model)
+            self.calls.append("begin")
+
+        def loss(self, model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor:
+            self.calls.append("loss")
+            return 0.0 * loss
+
+        def before_step(self, model: torch.nn.Module) -> None:
+            self.calls.append("before")
+
+        def after_step(self, model: torch.nn.Module) -> None:
+            set_flat(model, self.start)
+            self.calls.append("after")
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    x, y = torch.rand(10, 1, 2, 2), torch.randint(0, 3, (10,))
+    spec = LocalSpec(epochs=1, batch_size=4, lr=0.1, momentum=0.9, weight_decay=0.01)
+    hooks = Freeze()
+    res = local_train_on(model, client_batches(x, y, spec, torch.Generator().manual_seed(0)), spec, hooks)
+    assert res.steps == 3 and hooks.calls == ["begin"] + ["loss", "before", "after"] * 3
+    assert torch.count_nonzero(res.update) == 0 and res.loss > 0

@@ -35,6 +35,28 @@ class LocalResult:
     steps: int
 
 
+class TrainingHooks:
+    """How an attack changes a client's local optimisation; the defaults change nothing.
+
+    A client trains with hooks only when its attack needs them (e.g. an anomaly-evasion loss term,
+    gradient masking, projection onto a norm ball); engines that vectorise clients run only
+    hook-free clients that way and fall back to :func:`local_train_on` for the others.
+    """
+
+    def begin(self, model: nn.Module) -> None:
+        """Called once, with the model at the weights local training starts from."""
+
+    def loss(self, model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+        """The objective of one step, given the batch's cross-entropy."""
+        return loss
+
+    def before_step(self, model: nn.Module) -> None:
+        """Called after backward, before the optimiser step (gradients are in ``p.grad``)."""
+
+    def after_step(self, model: nn.Module) -> None:
+        """Called after the optimiser step."""
+
+
 def client_batches(x: torch.Tensor, y: torch.Tensor, spec: LocalSpec, generator: torch.Generator,
                    transform: BatchTransform | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """A client's mini-batches in training order: a fresh permutation per epoch, and the batch
@@ -49,18 +71,26 @@ def client_batches(x: torch.Tensor, y: torch.Tensor, spec: LocalSpec, generator:
 
 
 def local_train_on(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                   spec: LocalSpec) -> LocalResult:
+                   spec: LocalSpec, hooks: TrainingHooks | None = None) -> LocalResult:
     """SGD (with the momentum and weight decay of ``spec``) from the model's current weights over
-    ``batches``; returns the update (local - start) as a flat vector."""
+    ``batches``; returns the update (local - start) as a flat vector. The reported loss is the
+    batches' mean cross-entropy, whatever ``hooks`` add to the objective."""
     start = get_flat(model)
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     model.train()
+    if hooks is not None:
+        hooks.begin(model)
     total, steps = 0.0, 0
     for xb, yb in batches:
         opt.zero_grad(set_to_none=True)
         loss = F.cross_entropy(model(xb), yb)
-        loss.backward()
+        objective = loss if hooks is None else hooks.loss(model, loss)
+        objective.backward()
+        if hooks is not None:
+            hooks.before_step(model)
         opt.step()
+        if hooks is not None:
+            hooks.after_step(model)
         total += float(loss.detach())
         steps += 1
     return LocalResult(get_flat(model) - start, total / max(steps, 1), steps)

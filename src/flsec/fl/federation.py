@@ -14,7 +14,7 @@ from flsec.attacks.label_flip import flip_labels
 from flsec.config import ExperimentConfig
 from flsec.data import ImageDataset, load_dataset, make_partition
 from flsec.errors import ConfigError
-from flsec.fl.client import BatchTransform, LocalSpec
+from flsec.fl.client import BatchTransform, LocalSpec, TrainingHooks
 from flsec.fl.evaluate import backdoor_asr, label_flip_asr, main_accuracy
 from flsec.models import InputSpec, build_model
 
@@ -79,6 +79,11 @@ class Federation:
             return xp, yp
 
         return partial(poison, trig=self.client_trigger(client))
+
+    def training_hooks(self, client: int, round_: int) -> TrainingHooks | None:
+        """How the client's attack changes its local optimisation this round (None: plain SGD)."""
+        del client, round_
+        return None
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         a = self.config.attack

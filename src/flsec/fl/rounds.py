@@ -111,7 +111,7 @@ def run_client(fed: Federation, model: nn.Module, task: ClientTask) -> ClientRep
         sent, truth = capture_gradients(fed, model, c, r, x, y)
     seed = local_seed(fed.config.seed, r, c)
     batches = client_batches(x, y, spec, torch.Generator().manual_seed(seed), fed.transform(c, r))
-    res = local_train_on(model, batches, spec)
+    res = local_train_on(model, batches, spec, fed.training_hooks(c, r))
     gamma = boost_factor(fed, task)
     update = boost(res.update, gamma) if gamma != 1.0 else res.update
     capture = None
