@@ -164,6 +164,9 @@ class RuntimeConfig(_Section):
     """How a run is executed; changing it never changes what is computed beyond float rounding."""
 
     client_engine: Literal["sequential"] = Field("sequential", description="how a round's clients are run")
+    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: CUDA, then MPS, then CPU")
+    threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (default: torch's choice)")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision; fp16 needs a GPU")
 
 
 class ExperimentConfig(_Section):
