@@ -25,6 +25,12 @@ def _root() -> None:
 
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. training.rounds=5")]
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (runtime.device)")]
+
+
+def _with_device(overrides: list[str] | None, device: str | None) -> list[str]:
+    """``--device X`` is ``--set runtime.device="X"`` (validated the same way)."""
+    return [*(overrides or []), *([f'runtime.device="{device}"'] if device is not None else [])]
 
 
 @app.command()
@@ -34,12 +40,13 @@ def train(
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in --out")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    device: DeviceOpt = None,
 ) -> None:
     """Phase 1: federated training under attack; writes a checkpoint directory."""
     from flsec.config import load_config
     from flsec.fl.server import train as run_training
 
-    cfg = load_config(config, set_)
+    cfg = load_config(config, _with_device(set_, device))
     ckpt = run_training(cfg, out, resume=resume, progress=not quiet)
     m = ckpt.history[-1]
     typer.echo(f"round {m['round']}: MA {m['ma']:.4f}  ASR {m['asr']:.4f}  -> {out}")
@@ -127,12 +134,13 @@ def run(
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory (re-run to resume)")] = Path("runs/run"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    device: DeviceOpt = None,
 ) -> None:
     """All three phases in one run directory, then report.html. Re-running resumes unfinished phases."""
     from flsec.config import load_config
     from flsec.pipeline import run_pipeline
 
-    report = run_pipeline(load_config(config, set_), out, progress=not quiet)
+    report = run_pipeline(load_config(config, _with_device(set_, device)), out, progress=not quiet)
     _print_run(out, report)
 
 

@@ -83,6 +83,8 @@ class Server:
         self.finished: Checkpoint | None = None
         self.cap_rounds, self.cap_clients = capture_plan(config)
         self.timings: list[dict[str, float]] = []
+        self.client_engine = config.runtime.client_engine
+        self._saving = 0.0
         self._round: tuple[int, list[int], torch.Tensor, float] | None = None
         self._open(resume)
 
@@ -102,13 +104,20 @@ class Server:
             state = ckpt.state()
             self.model.load_state_dict({k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")})
             self.aggregator.load_state_dict(
-                {k[len("aggregator/"):]: v for k, v in state.items() if k.startswith("aggregator/")})
+                {k[len("aggregator/"):]: v.to(self.aggregation_device)
+                 for k, v in state.items() if k.startswith("aggregator/")})
             self.history = ckpt.history[: ckpt.round]
             self.writer.files = dict(ckpt.meta["files"])
             self.writer.captures = list(ckpt.meta.get("captures", []))
             self.start_round = ckpt.round + 1
         elif resume and out.exists() and any(out.iterdir()):
             raise CheckpointError(f"--resume: {out} holds no flsec run (no meta.json)")
+
+    @property
+    def aggregation_device(self) -> torch.device:
+        """Where the update stack is aggregated: the run's device for rules that declare
+        ``supports_device = True`` (pure tensor maths), the CPU for the others (e.g. NumPy-based)."""
+        return self.fed.runtime.device if getattr(self.aggregator, "supports_device", False) else torch.device("cpu")
 
     @property
     def rounds(self) -> range:
@@ -119,10 +128,14 @@ class Server:
         """Select the round's clients and build their tasks (in increasing client id)."""
         selected = select_clients(self.config.seed, r, self.config.training.num_clients, self.per_round)
         attackers = sum(self.fed.attacking(c, r) for c in selected)
+        t0 = time.perf_counter()
         if r in self.cap_rounds and self.cap_clients & set(selected):
             self.writer.write_round_model(r, self.model)
         global_flat = get_flat(self.model)
-        self._round = (r, selected, global_flat, time.perf_counter())
+        self.fed.stopwatch.pop("attack")
+        t_begin = time.perf_counter()
+        self._saving = t_begin - t0
+        self._round = (r, selected, global_flat, t_begin)
         return [ClientTask(c, r, global_flat, len(selected), attackers,
                            capture=r in self.cap_rounds and c in self.cap_clients) for c in selected]
 
@@ -134,14 +147,20 @@ class Server:
         replies = sorted(replies, key=lambda rep: rep.client)
         if [rep.client for rep in replies] != selected:
             raise RuntimeError(f"round {r}: replies from {[rep.client for rep in replies]}, selected {selected}")
+        _sync(self.fed.runtime.device)
         t_clients = time.perf_counter()
+        attack = self.fed.stopwatch.pop("attack")
         for rep in replies:
             if rep.capture is not None:
                 self.writer.write_capture(r, rep.client, rep.capture.sent, rep.capture.truth, rep.capture.meta)
         updates = [rep.update for rep in replies]
         t_agg = time.perf_counter()
-        result = self.aggregator(torch.stack(updates), torch.tensor([rep.num_samples for rep in replies]), selected)
-        set_flat(self.model, global_flat + self.config.training.server_lr * result.update)
+        dev = self.aggregation_device
+        with torch.device(dev):
+            result = self.aggregator(torch.stack(updates).to(dev),
+                                     torch.tensor([rep.num_samples for rep in replies]), selected)
+        set_flat(self.model, global_flat + self.config.training.server_lr * result.update.to(global_flat.device))
+        _sync(self.fed.runtime.device)
         t_eval = time.perf_counter()
         metrics = self.fed.evaluate(self.model)
         record = {
@@ -156,19 +175,27 @@ class Server:
         }
         self.history.append(record)
         t_commit = time.perf_counter()
-        timing = {"clients": t_clients - t_begin, "aggregation": t_eval - t_agg, "evaluation": t_commit - t_eval}
+        timing = {"local_training": t_clients - t_begin - attack, "attack": attack, "aggregation": t_eval - t_agg,
+                  "evaluation": t_commit - t_eval}
         self.writer.commit_round(r, self.model, self.aggregator.state_dict(), self.history,
                                  {"malicious_ids": sorted(self.fed.malicious),
                                   "seconds_per_round": [sum(t.values()) for t in [*self.timings, timing]],
-                                  "input_spec": dataclasses.asdict(self.fed.spec)},
+                                  "input_spec": dataclasses.asdict(self.fed.spec),
+                                  "runtime": {**self.fed.runtime.describe(), "client_engine": self.client_engine}},
                                  complete=r == self.config.training.rounds)
-        timing["captures_and_commit"] = time.perf_counter() - t_commit + (t_agg - t_clients)
+        timing["capture_and_save"] = time.perf_counter() - t_commit + (t_agg - t_clients) + self._saving
         self.timings.append(timing)
         self._round = None
         return record
 
     def checkpoint(self) -> Checkpoint:
         return self.finished or load_checkpoint(self.out)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings are attributed to the right part."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train(
@@ -184,6 +211,7 @@ def train(
     if server.finished is not None:
         return server.finished
     clients = CLIENT_ENGINES.get(config.runtime.client_engine)(server.fed)
+    server.client_engine = getattr(clients, "name", config.runtime.client_engine)
     bar = tqdm(server.rounds, initial=server.start_round - 1, total=config.training.rounds,
                desc=f"train {config.aggregation.name}", disable=not progress, unit="round", dynamic_ncols=True)
     for r in bar:
