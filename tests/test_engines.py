@@ -151,3 +151,16 @@ def test_unsupported_reason() -> None:
     assert unsupported_reason(nn.Sequential(nn.Linear(2, 2))) is None
     assert "dropout" in str(unsupported_reason(nn.Sequential(nn.Linear(2, 2), nn.Dropout(0.5))))
     assert "batch-norm" in str(unsupported_reason(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))))
+
+
+def test_channels_last_keeps_its_layout_and_gives_the_same_updates(tmp_path: Path) -> None:
+    server = Server(_uneven_config(memory_format="channels_last"), tmp_path / "r")
+    tasks = server.begin_round(1)[:3]
+    engine = CLIENT_ENGINES.get("sequential")(server.fed)
+    conv = next(p for p in engine.model.parameters() if p.ndim == 4 and p.shape[1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    last = engine.run(tasks)
+    assert conv.is_contiguous(memory_format=torch.channels_last)  # set_flat copies in place, keeping the layout
+    plain = CLIENT_ENGINES.get("sequential")(Federation.from_config(_uneven_config())).run(tasks)
+    for a, b in zip(plain, last, strict=True):
+        assert torch.allclose(a.update, b.update, rtol=0, atol=1e-5)

@@ -49,7 +49,8 @@ def test_runtime_from_config_sets_threads_and_validates_precision() -> None:
     try:
         rt = Runtime.from_config(RuntimeConfig(device="cpu", threads=1, precision="bf16"))
         assert (rt.threads, torch.get_num_threads(), rt.precision) == (1, 1, "bf16")
-        assert rt.describe() == {"device": "cpu", "precision": "bf16", "threads": 1, "torch": torch.__version__}
+        assert rt.describe() == {"device": "cpu", "precision": "bf16", "threads": 1, "memory_format": "contiguous",
+                                 "torch": torch.__version__}
         kept = Runtime.from_config(RuntimeConfig(device="cpu"))
         assert kept.threads == 1  # threads = None keeps the current count
     finally:
@@ -63,7 +64,7 @@ def test_runtime_from_config_sets_threads_and_validates_precision() -> None:
 def test_meta_records_runtime_and_every_tensor_file_is_cpu(trained_run: Path) -> None:
     meta = json.loads((trained_run / "meta.json").read_text())
     assert meta["runtime"] == {"device": "cpu", "precision": "fp32", "threads": torch.get_num_threads(),
-                               "torch": torch.__version__, "client_engine": "sequential"}
+                               "memory_format": "contiguous", "torch": torch.__version__, "client_engine": "sequential"}
     files = sorted(rel for rel in meta["files"] if rel.endswith(".safetensors"))
     assert any(rel.startswith("updates/") for rel in files) and "model.safetensors" in files
     for rel in files:

@@ -170,6 +170,9 @@ class RuntimeConfig(_Section):
     device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (default: torch's choice)")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision; fp16 needs a GPU")
+    memory_format: Literal["contiguous", "channels_last"] = Field(
+        "contiguous", description="layout of convolution weights and activations (channels_last: faster oneDNN "
+        "kernels on CPU)")
 
     @field_validator("device")
     @classmethod

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from flsec.errors import ConfigError
 
@@ -86,6 +87,7 @@ class _RuntimeFields(Protocol):
     device: str
     threads: int | None
     precision: str
+    memory_format: str
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,7 @@ class Runtime:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     precision: str = "fp32"
     threads: int = field(default_factory=torch.get_num_threads)
+    memory_format: str = "contiguous"
 
     @classmethod
     def from_config(cls, cfg: _RuntimeFields) -> Runtime:
@@ -110,15 +113,22 @@ class Runtime:
         if device.type == "cuda":
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
-        return cls(device, cfg.precision, threads)
+        return cls(device, cfg.precision, threads, cfg.memory_format)
 
     def autocast(self) -> contextlib.AbstractContextManager[None]:
         return autocast(self.device, self.precision)
 
+    def place(self, model: nn.Module) -> nn.Module:
+        """``model`` moved to the device, in the memory format (in place; returned for chaining)."""
+        model.to(self.device)
+        if self.memory_format == "channels_last":
+            model.to(memory_format=torch.channels_last)
+        return model
+
     def describe(self) -> dict[str, Any]:
         """What meta.json records about where a run was computed."""
         info: dict[str, Any] = {"device": str(self.device), "precision": self.precision, "threads": self.threads,
-                                "torch": torch.__version__}
+                                "memory_format": self.memory_format, "torch": torch.__version__}
         if self.device.type == "cuda":
             info["device_name"] = torch.cuda.get_device_name(self.device)
             info["cuda"] = torch.version.cuda

@@ -51,8 +51,8 @@ class Federation:
                    Runtime.from_config(config.runtime))
 
     def new_model(self) -> nn.Module:
-        """The experiment's model at its seeded initial weights, on the run's device."""
-        return build_model(self.config.model.name, self.spec, self.config.seed).to(self.runtime.device)
+        """The experiment's model at its seeded initial weights, on the run's device and memory format."""
+        return self.runtime.place(build_model(self.config.model.name, self.spec, self.config.seed))
 
     @property
     def local_spec(self) -> LocalSpec:
