@@ -81,9 +81,10 @@ def test_clients_with_training_hooks_run_sequentially(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(Federation, "training_hooks", lambda self, c, r: Undo() if c == 2 else None)
     server = Server(_uneven_config(), tmp_path / "r")
-    tasks = server.begin_round(1)
+    tasks = server.begin_round(1)[:3]
     seq = CLIENT_ENGINES.get("sequential")(server.fed).run(tasks)
     vec = CLIENT_ENGINES.get("vectorised")(server.fed).run(tasks)
+    assert [r.client for r in vec] == [0, 1, 2]
     for a, b in zip(seq, vec, strict=True):
         if a.client == 2:
             assert torch.count_nonzero(b.update) == 0 and torch.equal(a.update, b.update)
@@ -140,8 +141,11 @@ def test_auto_picks_by_device_batch_size_and_model(monkeypatch: pytest.MonkeyPat
     assert choose_engine(single) == "sequential"
     assert CLIENT_ENGINES.get("auto")(small).name == "vectorised"
 
-    monkeypatch.setattr(Federation, "new_model", lambda self: nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64),
-                                                                            nn.Linear(64, 10)))
+    def bn_model(*args: object) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64), nn.Linear(64, 10))
+
+    monkeypatch.setattr("flsec.fl.engines.build_model", bn_model)
+    monkeypatch.setattr(Federation, "new_model", bn_model)
     assert choose_engine(small) == "sequential"
     with pytest.raises(ConfigError, match=r"runtime.client_engine: 'vectorised' cannot train .*batch-norm"):
         CLIENT_ENGINES.get("vectorised")(small)

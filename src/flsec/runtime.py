@@ -53,7 +53,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """The autocast dtype of ``precision`` on ``device`` (None for fp32); fp16 needs a GPU."""
+    """The autocast dtype of ``precision`` on ``device`` (None for fp32); fp16 needs a GPU.
+
+    fp16 is used without loss scaling (a skipped step would differ per client and per engine), so
+    very small gradients can underflow; bf16 has fp32's exponent range and is the safer choice."""
     if precision == "fp32":
         return None
     if precision == "bf16":

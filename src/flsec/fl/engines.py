@@ -22,6 +22,7 @@ from flsec.errors import ConfigError
 from flsec.fl.federation import Federation
 from flsec.fl.rounds import ClientReply, ClientTask, finish_client, prepare_client, run_client
 from flsec.fl.vectorised import train_clients, unsupported_reason
+from flsec.models import build_model
 from flsec.registry import Registry
 
 
@@ -95,7 +96,8 @@ def choose_engine(fed: Federation) -> str:
     """``auto``: sequential for models the vectorised engine cannot train and for one client per
     round; otherwise vectorised on a GPU, and on a CPU only for small local batches
     (<= ``CPU_VECTORISE_MAX_BATCH``), where one client's batch leaves the arithmetic units idle."""
-    if unsupported_reason(fed.new_model()) is not None or fed.config.clients_per_round == 1:
+    if unsupported_reason(build_model(fed.config.model.name, fed.spec, fed.config.seed)) is not None \
+            or fed.config.clients_per_round == 1:
         return "sequential"
     if fed.runtime.device.type != "cpu":
         return "vectorised"

@@ -14,15 +14,21 @@ from torch import nn
 
 from flsec.attacks.backdoor import Trigger, stamp
 
+# Images per forward pass when evaluating: small batches keep a CNN's activations in the CPU's caches
+# (64 is ~1.5-2x faster per image than 1000 for the MNIST CNN on CPU); a GPU wants large ones.
+CPU_EVAL_BATCH, GPU_EVAL_BATCH = 64, 2048
+
 
 @torch.inference_mode()
-def predict(model: nn.Module, x: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
-    """Predicted classes of ``x`` (on the model's device), ``batch_size`` images per forward pass."""
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    """Predicted classes of ``x`` (on the model's device), ``batch_size`` images per forward pass
+    (default by device: ``CPU_EVAL_BATCH`` or ``GPU_EVAL_BATCH``)."""
     model.eval()
     if not len(x):
         return torch.empty(0, dtype=torch.long)
     device = next(model.parameters()).device
-    return torch.cat([model(xb.to(device, non_blocking=True)).argmax(dim=1) for xb in x.split(batch_size)])
+    size = batch_size or (CPU_EVAL_BATCH if device.type == "cpu" else GPU_EVAL_BATCH)
+    return torch.cat([model(xb.to(device, non_blocking=True)).argmax(dim=1) for xb in x.split(size)])
 
 
 def main_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
