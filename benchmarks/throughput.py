@@ -244,7 +244,7 @@ def scale_worker(args: argparse.Namespace) -> None:
         "model": {"name": "mnist_cnn"},
         "training": {"num_clients": args.clients, "rounds": args.rounds, "client_fraction": args.fraction,
                      "local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
-        "runtime": {"client_engine": args.engine, "device": args.device},
+        "runtime": {"client_engine": args.engine, "device": args.device, "threads": args.scale_threads},
     })
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -268,7 +268,8 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
     rows = []
     for clients, fraction, rounds, engine in cases:
         cmd = [sys.executable, __file__, "--worker", "scale", "--data-dir", args.data_dir, "--clients", str(clients),
-               "--fraction", str(fraction), "--rounds", str(rounds), "--engine", engine, "--device", args.device]
+               "--fraction", str(fraction), "--rounds", str(rounds), "--engine", engine, "--device", args.device,
+               "--scale-threads", str(args.scale_threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0:
             rows.append({"clients": clients, "fraction": fraction, "engine": engine,
@@ -276,7 +277,7 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
         else:
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)
-    return {"threads": torch.get_num_threads(), "rows": rows}
+    return {"threads": args.scale_threads, "rows": rows}
 
 
 # --- rendering ---------------------------------------------------------------------------------
@@ -401,6 +402,7 @@ def main() -> None:
     ap.add_argument("--defender-rounds", type=int, default=1)
     ap.add_argument("--defender-train-size", type=int, default=None, help="subset of MNIST train (default: all)")
     ap.add_argument("--per-client", type=int, default=128, help="local part: MNIST images per client")
+    ap.add_argument("--scale-threads", type=int, default=1, help="scale part: torch threads per case")
     ap.add_argument("--out", type=Path, default=RESULTS / "throughput.json")
     ap.add_argument("--worker", choices=["scale"], help=argparse.SUPPRESS)
     ap.add_argument("--clients", type=int, default=1000, help=argparse.SUPPRESS)
