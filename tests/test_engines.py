@@ -11,7 +11,7 @@ from torch import nn
 
 from flsec.errors import ConfigError
 from flsec.fl.client import LocalSpec, TrainingHooks, client_batches, local_train_on
-from flsec.fl.engines import CLIENT_ENGINES, CPU_VECTORISE_MAX_BATCH, choose_engine
+from flsec.fl.engines import CLIENT_ENGINES, choose_engine
 from flsec.fl.federation import Federation
 from flsec.fl.params import get_flat, set_flat
 from flsec.fl.server import Server, train
@@ -132,23 +132,26 @@ def test_bf16_autocast_changes_one_step_at_bf16_rounding_only() -> None:
         assert rel(s16, vec16[i]) < 0.1 and rel(s32, vec32[i]) < 1e-5
 
 
-def test_auto_picks_by_device_batch_size_and_model(monkeypatch: pytest.MonkeyPatch) -> None:
-    small = Federation.from_config(small_config(training={"batch_size": CPU_VECTORISE_MAX_BATCH}))
-    assert choose_engine(small) == "vectorised"
-    large = Federation.from_config(small_config(training={"batch_size": CPU_VECTORISE_MAX_BATCH + 1}))
-    assert choose_engine(large) == "sequential"
-    single = Federation.from_config(small_config(training={"batch_size": 4, "client_fraction": 0.1}))
+def test_auto_picks_by_device_and_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flsec.runtime import Runtime
+
+    fed = Federation.from_config(small_config(training={"batch_size": 4}))
+    assert choose_engine(fed) == "sequential"  # on a CPU, at any batch size
+    assert CLIENT_ENGINES.get("auto")(fed).name == "sequential"
+    monkeypatch.setattr(fed, "runtime", Runtime(torch.device("cuda")))  # choose_engine only reads the device type
+    assert choose_engine(fed) == "vectorised"
+    single = Federation.from_config(small_config(training={"client_fraction": 0.1}))
+    monkeypatch.setattr(single, "runtime", Runtime(torch.device("cuda")))
     assert choose_engine(single) == "sequential"
-    assert CLIENT_ENGINES.get("auto")(small).name == "vectorised"
 
     def bn_model(*args: object) -> nn.Module:
         return nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64), nn.Linear(64, 10))
 
     monkeypatch.setattr("flsec.fl.engines.build_model", bn_model)
+    assert choose_engine(fed) == "sequential"
     monkeypatch.setattr(Federation, "new_model", bn_model)
-    assert choose_engine(small) == "sequential"
     with pytest.raises(ConfigError, match=r"runtime.client_engine: 'vectorised' cannot train .*batch-norm"):
-        CLIENT_ENGINES.get("vectorised")(small)
+        CLIENT_ENGINES.get("vectorised")(fed)
 
 
 def test_unsupported_reason() -> None:

@@ -34,11 +34,6 @@ class ClientEngine(Protocol):
 
 CLIENT_ENGINES: Registry[Callable[[Federation], ClientEngine]] = Registry("client engine")
 
-# Largest local batch size at which the vectorised engine beats the sequential one on a CPU, from
-# benchmarks/results/throughput.md (on a GPU it wins at every batch size measured there).
-CPU_VECTORISE_MAX_BATCH = 16
-
-
 @CLIENT_ENGINES.register("sequential")
 class SequentialClients:
     """One client after another, each starting from the global weights on a shared scratch model."""
@@ -93,15 +88,16 @@ class VectorisedClients:
 
 
 def choose_engine(fed: Federation) -> str:
-    """``auto``: sequential for models the vectorised engine cannot train and for one client per
-    round; otherwise vectorised on a GPU, and on a CPU only for small local batches
-    (<= ``CPU_VECTORISE_MAX_BATCH``), where one client's batch leaves the arithmetic units idle."""
-    if unsupported_reason(build_model(fed.config.model.name, fed.spec, fed.config.seed)) is not None \
-            or fed.config.clients_per_round == 1:
+    """``auto``: the vectorised engine on an accelerator (CUDA, MPS), where one small client leaves
+    the device idle; the sequential one on a CPU, where benchmarks/results/throughput.md measured
+    vectorising slower at every batch size tried (0.36-0.96x at batch 10-64, 20-100 clients: one
+    client's batch already keeps a core busy, and vmapped convolutions become slower grouped ones);
+    sequential also for models the vectorised engine cannot train and for one client per round."""
+    if fed.runtime.device.type == "cpu" or fed.config.clients_per_round == 1:
         return "sequential"
-    if fed.runtime.device.type != "cpu":
-        return "vectorised"
-    return "vectorised" if fed.config.training.batch_size <= CPU_VECTORISE_MAX_BATCH else "sequential"
+    if unsupported_reason(build_model(fed.config.model.name, fed.spec, fed.config.seed)) is not None:
+        return "sequential"
+    return "vectorised"
 
 
 @CLIENT_ENGINES.register("auto")
