@@ -3,13 +3,13 @@
     flock /work/bench.lock .venv/bin/python benchmarks/precision.py --data-dir /work/shared/data [--seeds 0 1 2]
 
 configs/mnist_defense.toml (real MNIST, 8,000 train / 2,000 test, 20 clients, Dirichlet 0.5, 2 backdoor
-attackers, 20 rounds) under the boosted backdoor, aggregated with FedAvg (the attack succeeds) and with
-the coordinate-wise median (it does not), each trained at fp32, at bf16, at fp32 with channels-last
-convolutions (a change of float rounding only: how far rounding alone moves the result) and at bf16
-with channels-last, for each seed. MA and ASR are always measured in fp32. Target: MA within 0.3
-points of fp32 and the ASR verdict (attack succeeds or not) unchanged. Runs already in the results
-file are kept (a case already there is not run again, so seeds can be added later); writes
-benchmarks/results/precision.md and .json.
+attackers, 20 rounds): the boosted backdoor aggregated with FedAvg (the attack succeeds) and with the
+coordinate-wise median (it does not), and the plain (not boosted) backdoor with FedAvg, each trained
+at fp32, at bf16, at fp32 with channels-last convolutions (a change of float rounding only: how far
+rounding alone moves the result) and at bf16 with channels-last, for each seed. MA and ASR are always
+measured in fp32. Target: MA within 0.3 points of fp32 and the ASR verdict (attack succeeds or not)
+unchanged. Runs already in the results file are kept (a case already there is not run again, so seeds
+can be added later); writes benchmarks/results/precision.md and .json.
 """
 
 from __future__ import annotations
@@ -32,9 +32,9 @@ from flsec.io import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-CASES = [(rule, precision, fmt) for rule in ("fedavg", "median")
-         for precision, fmt in (("fp32", "contiguous"), ("bf16", "contiguous"), ("fp32", "channels_last"),
-                                ("bf16", "channels_last"))]
+ARITHMETIC = (("fp32", "contiguous"), ("bf16", "contiguous"), ("fp32", "channels_last"), ("bf16", "channels_last"))
+CASES = [(rule, boost, precision, fmt) for rule, boost in (("fedavg", True), ("median", True), ("fedavg", False))
+         for precision, fmt in ARITHMETIC]
 
 
 def main() -> None:
@@ -47,20 +47,20 @@ def main() -> None:
     args = ap.parse_args()
     old = json.loads(args.out.read_text()) if args.out.exists() else {}
     runs: list[dict[str, Any]] = list(old.get("runs", []))
-    done = {(r["seed"], r["rule"], r["precision"], r["memory_format"]) for r in runs}
+    done = {(r["seed"], *case_of(r)) for r in runs}
     load = [os.getloadavg()[0]]
-    for seed, (rule, precision, fmt) in ((s, c) for s in args.seeds for c in CASES):
-        if (seed, rule, precision, fmt) in done:
+    for seed, (rule, boost, precision, fmt) in ((sd, c) for sd in args.seeds for c in CASES):
+        if (seed, rule, boost, precision, fmt) in done:
             continue
         cfg = load_config(ROOT / "configs" / "mnist_defense.toml", [f"seed={seed}",
-            f'data.data_dir="{args.data_dir}"', f"training.rounds={args.rounds}", "attack.boost=true",
+            f'data.data_dir="{args.data_dir}"', f"training.rounds={args.rounds}", f"attack.boost={str(boost).lower()}",
             f'aggregation.name="{rule}"', f'runtime.precision="{precision}"', f'runtime.memory_format="{fmt}"',
             f"runtime.threads={args.threads}", 'runtime.device="cpu"'])
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             ckpt = train(cfg, Path(tmp) / "r", progress=False)
         hist = ckpt.history
-        runs.append({"seed": seed, "rule": rule, "precision": precision, "memory_format": fmt,
+        runs.append({"seed": seed, "rule": rule, "boost": boost, "precision": precision, "memory_format": fmt,
                      "seconds": time.perf_counter() - t0,
                      "ma": [h["ma"] for h in hist], "asr": [h["asr"] for h in hist]})
         print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("ma", "asr")}
@@ -71,11 +71,19 @@ def main() -> None:
     commands = {**old.get("commands", {}), key: " ".join(["python", "benchmarks/precision.py", *sys.argv[1:]])}
     result = {"commands": commands, "commit": commit, "torch": torch.__version__, "threads": args.threads,
               "rounds": args.rounds, "load_average": {**old.get("load_average", {}), key: load},
-              "runs": sorted(runs, key=lambda r: (r["seed"], CASES.index((r["rule"], r["precision"], r["memory_format"]))))}
+              "runs": sorted(runs, key=lambda r: (CASES.index(case_of(r)), r["seed"]))}
     write_json(args.out, result)
     text = render(result)
     write_text(args.out.with_suffix(".md"), text)
     print(text)
+
+
+def case_of(run: dict[str, Any]) -> tuple[str, bool, str, str]:
+    return run["rule"], run.get("boost", True), run["precision"], run["memory_format"]
+
+
+def _setting(run: dict[str, Any]) -> str:
+    return run["rule"] + (", boosted" if run.get("boost", True) else ", not boosted")
 
 
 def render(res: dict[str, Any]) -> str:
@@ -84,19 +92,21 @@ def render(res: dict[str, Any]) -> str:
     lines = ["# Precision: bf16 autocast vs fp32 local training", "",
              f"Commands: {cmds}; git {res['commit']}, torch {res['torch']}, {res['threads']} thread(s) (CPU with "
              "AVX512-BF16). Setting: configs/mnist_defense.toml (real MNIST 8,000 train / 2,000 test, 20 clients, "
-             "Dirichlet 0.5, 2 attackers, batch 32, lr 0.05, momentum 0.9) with `attack.boost = true`, "
+             "Dirichlet 0.5, 2 attackers, batch 32, lr 0.05, momentum 0.9) with the backdoor boosted (model "
+             "replacement) or not, "
              f"{res['rounds']} rounds. Precision applies to local training (forward passes under autocast; weights, "
              "gradients and SGD in fp32); MA and ASR are measured in fp32. The channels-last fp32 run changes only "
              "float rounding: its distance to fp32 is the noise floor that any change of arithmetic meets in "
              f"this setting. Load average at start / end: {loads}.", "",
              "| seed | aggregation | training | MA (last round) | ASR (last round) | mean MA, last 5 rounds | "
              "MA vs fp32 | ASR vs fp32 | run time |", "|---|---|---|---|---|---|---|---|---|"]
-    ref = {(r["seed"], r["rule"]): r for r in res["runs"] if r["precision"] == "fp32" and r["memory_format"] == "contiguous"}
+    ref = {(r["seed"], _setting(r)): r for r in res["runs"]
+           if r["precision"] == "fp32" and r["memory_format"] == "contiguous"}
     for r in res["runs"]:
-        base = ref[(r["seed"], r["rule"])]
+        base = ref[(r["seed"], _setting(r))]
         name = r["precision"] + (", channels-last" if r["memory_format"] == "channels_last" else "")
         ma5 = sum(r["ma"][-5:]) / len(r["ma"][-5:])
-        lines.append(f"| {r['seed']} | {r['rule']} | {name} | {100 * r['ma'][-1]:.2f}% | {100 * r['asr'][-1]:.2f}% | "
+        lines.append(f"| {r['seed']} | {_setting(r)} | {name} | {100 * r['ma'][-1]:.2f}% | {100 * r['asr'][-1]:.2f}% | "
                      f"{100 * ma5:.2f}% | {100 * (r['ma'][-1] - base['ma'][-1]):+.2f} pt | "
                      f"{100 * (r['asr'][-1] - base['asr'][-1]):+.2f} pt | {r['seconds']:.0f} s |")
     lines += ["", "Over the seeds (last round; difference to fp32 of the same seed and rule):", "",
@@ -105,10 +115,10 @@ def render(res: dict[str, Any]) -> str:
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in res["runs"]:
         name = r["precision"] + (", channels-last" if r["memory_format"] == "channels_last" else "")
-        groups.setdefault((r["rule"], name), []).append(r)
-    for (rule, name), rs in groups.items():
-        diffs = [r["ma"][-1] - ref[(r["seed"], rule)]["ma"][-1] for r in rs]
-        lines.append(f"| {rule} | {name} | {100 * sum(r['ma'][-1] for r in rs) / len(rs):.2f}% | "
+        groups.setdefault((_setting(r), name), []).append(r)
+    for (setting, name), rs in groups.items():
+        diffs = [r["ma"][-1] - ref[(r["seed"], setting)]["ma"][-1] for r in rs]
+        lines.append(f"| {setting} | {name} | {100 * sum(r['ma'][-1] for r in rs) / len(rs):.2f}% | "
                      f"{100 * sum(diffs) / len(diffs):+.2f} pt | {100 * max(diffs, key=abs):+.2f} pt | "
                      f"{100 * sum(r['asr'][-1] for r in rs) / len(rs):.2f}% | {len(rs)} |")
     lines += ["", "Target: MA within 0.3 points of fp32, ASR direction (high under FedAvg, low under the median) "
