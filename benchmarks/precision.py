@@ -97,9 +97,10 @@ def render(res: dict[str, Any]) -> str:
              f"{res['rounds']} rounds. Precision applies to local training (forward passes under autocast; weights, "
              "gradients and SGD in fp32); MA and ASR are measured in fp32. The channels-last fp32 run changes only "
              "float rounding: its distance to fp32 is the noise floor that any change of arithmetic meets in "
-             f"this setting. Load average at start / end: {loads}.", "",
+             f"this setting. Speed is measured by benchmarks/throughput.py, not here (run times are in precision.json). "
+             f"Load average at start / end: {loads}.", "",
              "| seed | aggregation | training | MA (last round) | ASR (last round) | mean MA, last 5 rounds | "
-             "MA vs fp32 | ASR vs fp32 | run time |", "|---|---|---|---|---|---|---|---|---|"]
+             "MA vs fp32 | ASR vs fp32 |", "|---|---|---|---|---|---|---|---|"]
     ref = {(r["seed"], _setting(r)): r for r in res["runs"]
            if r["precision"] == "fp32" and r["memory_format"] == "contiguous"}
     for r in res["runs"]:
@@ -108,7 +109,7 @@ def render(res: dict[str, Any]) -> str:
         ma5 = sum(r["ma"][-5:]) / len(r["ma"][-5:])
         lines.append(f"| {r['seed']} | {_setting(r)} | {name} | {100 * r['ma'][-1]:.2f}% | {100 * r['asr'][-1]:.2f}% | "
                      f"{100 * ma5:.2f}% | {100 * (r['ma'][-1] - base['ma'][-1]):+.2f} pt | "
-                     f"{100 * (r['asr'][-1] - base['asr'][-1]):+.2f} pt | {r['seconds']:.0f} s |")
+                     f"{100 * (r['asr'][-1] - base['asr'][-1]):+.2f} pt |")
     lines += ["", "Over the seeds (last round; difference to fp32 of the same seed and rule):", "",
               "| aggregation | training | mean MA | mean MA vs fp32 | largest MA difference | mean ASR | runs |",
               "|---|---|---|---|---|---|---|"]
