@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "precision.json")
     args = ap.parse_args()
     old = json.loads(args.out.read_text()) if args.out.exists() else {}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     runs: list[dict[str, Any]] = list(old.get("runs", []))
     done = {(r["seed"], *case_of(r)) for r in runs}
     load = [os.getloadavg()[0]]
@@ -61,15 +62,15 @@ def main() -> None:
             ckpt = train(cfg, Path(tmp) / "r", progress=False)
         hist = ckpt.history
         runs.append({"seed": seed, "rule": rule, "boost": boost, "precision": precision, "memory_format": fmt,
+                     "commit": commit,
                      "seconds": time.perf_counter() - t0,
                      "ma": [h["ma"] for h in hist], "asr": [h["asr"] for h in hist]})
         print(json.dumps({k: v for k, v in runs[-1].items() if k not in ("ma", "asr")}
                          | {"ma": hist[-1]["ma"], "asr": hist[-1]["asr"]}), flush=True)
     load.append(os.getloadavg()[0])
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     key = " ".join(map(str, args.seeds))
     commands = {**old.get("commands", {}), key: " ".join(["python", "benchmarks/precision.py", *sys.argv[1:]])}
-    result = {"commands": commands, "commit": commit, "torch": torch.__version__, "threads": args.threads,
+    result = {"commands": commands, "torch": torch.__version__, "threads": args.threads,
               "rounds": args.rounds, "load_average": {**old.get("load_average", {}), key: load},
               "runs": sorted(runs, key=lambda r: (CASES.index(case_of(r)), r["seed"]))}
     write_json(args.out, result)
@@ -90,7 +91,8 @@ def render(res: dict[str, Any]) -> str:
     cmds = "; ".join(f"`flock /work/bench.lock .venv/bin/{c}` (seeds {k})" for k, c in res["commands"].items())
     loads = ", ".join(f"{a:.1f} / {b:.1f}" for a, b in res["load_average"].values())
     lines = ["# Precision: bf16 autocast vs fp32 local training", "",
-             f"Commands: {cmds}; git {res['commit']}, torch {res['torch']}, {res['threads']} thread(s) (CPU with "
+             f"Commands: {cmds}; git {', '.join(sorted({r['commit'] for r in res['runs']}))} (each run's commit is in "
+             f"precision.json), torch {res['torch']}, {res['threads']} thread(s) (CPU with "
              "AVX512-BF16). Setting: configs/mnist_defense.toml (real MNIST 8,000 train / 2,000 test, 20 clients, "
              "Dirichlet 0.5, 2 attackers, batch 32, lr 0.05, momentum 0.9) with the backdoor boosted (model "
              "replacement) or not, "

@@ -292,14 +292,15 @@ def part_scale(args: argparse.Namespace) -> dict[str, Any]:
 
 def _load(part: dict[str, Any]) -> str:
     la = part.get("load_average")
-    return f" Load average (1 min) at start / end of this part: {la[0]:.1f} / {la[1]:.1f}." if la else ""
+    text = f" Load average (1 min) at start / end of this part: {la[0]:.1f} / {la[1]:.1f}." if la else ""
+    return text + (f" Measured at git {part['commit']}." if part.get("commit") else "")
 
 
 def render(results: dict[str, Any]) -> str:
     m = results.get("machine", {})
     lines = ["# Throughput: local training, the parts of a round, an FL-Defender-style loop, scale in clients", "",
              f"Machine: {m.get('cpu')}, {m.get('cores')} cores (AVX512-BF16), no GPU, torch {m.get('torch')}, "
-             f"Python {m.get('python')}; git {m.get('commit')}. Seeds: run seed 0 everywhere. Data: real MNIST "
+             f"Python {m.get('python')}. Seeds: run seed 0 everywhere. Data: real MNIST "
              "(`/work/shared/data`). The machine is shared: other processes were running during every part (load "
              "averages below; 2 cores). Wall-clock numbers are therefore lower than on an idle machine, and "
              "2-thread runs suffer most (OpenMP threads wait for a core); per-CPU-second numbers (the process's own "
@@ -373,7 +374,7 @@ def render(results: dict[str, Any]) -> str:
     sc = results.get("scale")
     if sc:
         lines += ["## Scale in clients", "",
-                  f"Full MNIST (60,000 images, IID), MNIST CNN, batch 32, 1 epoch, {sc['threads']} threads; each case "
+                  f"Full MNIST (60,000 images, IID), MNIST CNN, batch 32, 1 epoch, {sc['threads']} thread(s); each case "
                   "is a fresh process; peak RSS is the whole process's (torch, the 60,000 + 10,000 images and "
                   "everything else). Local training per round follows the clients sampled; evaluation "
                   "(10,000 test + 9,020 triggered images) is a fixed cost per round." + _load(sc), "",
@@ -433,6 +434,7 @@ def main() -> None:
         results[key] = runners[part](args)
         results[key]["wall_s"] = time.perf_counter() - t0
         results[key]["load_average"] = [load, os.getloadavg()[0]]
+        results[key]["commit"] = results["machine"]["commit"]
         results["commands"][key] = " ".join(["python", "benchmarks/throughput.py", *sys.argv[1:]])
         write_json(args.out, results)
     text = render(results)
