@@ -16,7 +16,9 @@ from flsec.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Strict: ``rounds = true`` or ``rounds = 2.0`` is an error, not 1 or 2; ``nan`` and ``inf`` are refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 def _registered(kind: str, name: str) -> str:
@@ -171,7 +173,7 @@ class RuntimeConfig(_Section):
 
 class ExperimentConfig(_Section):
     name: str = "experiment"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="run seed; every random stream derives from it")
     plugins: list[str] = Field(default_factory=list, description="modules to import that register plug-ins")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -294,12 +296,14 @@ def format_validation_error(exc: ValidationError) -> str:
     return f"{dotted}: {msg} (got {shown})" if dotted else msg
 
 
-def build_config(data: dict[str, Any]) -> ExperimentConfig:
-    from flsec.registry import import_plugins
+def build_config(data: dict[str, Any], import_plugins: bool = True) -> ExperimentConfig:
+    """Validate an experiment. ``import_plugins`` imports the modules its ``plugins`` field names:
+    right for a config file the user wrote, never for one read out of a run directory."""
+    from flsec import registry
 
     plugins = data.get("plugins", [])
-    if isinstance(plugins, list):
-        import_plugins([str(p) for p in plugins])
+    if import_plugins and isinstance(plugins, list):
+        registry.import_plugins([str(p) for p in plugins])
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
@@ -310,7 +314,9 @@ def read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--config: file not found: {path}")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
 
