@@ -25,6 +25,12 @@ def _root() -> None:
 
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. training.rounds=5")]
+EngineOpt = Annotated[str | None, typer.Option("--engine", help="runtime.engine: inprocess or flower (needs flsec[flower])")]
+
+
+def _with_engine(set_: list[str] | None, engine: str | None) -> list[str]:
+    """``--engine X`` is ``--set runtime.engine="X"`` (validated with the rest of the config)."""
+    return [*(set_ or []), *([f'runtime.engine="{engine}"'] if engine is not None else [])]
 
 
 @app.command()
@@ -34,12 +40,13 @@ def train(
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in --out")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    engine: EngineOpt = None,
 ) -> None:
     """Phase 1: federated training under attack; writes a checkpoint directory."""
     from flsec.config import load_config
     from flsec.fl.server import train as run_training
 
-    cfg = load_config(config, set_)
+    cfg = load_config(config, _with_engine(set_, engine))
     ckpt = run_training(cfg, out, resume=resume, progress=not quiet)
     m = ckpt.history[-1]
     typer.echo(f"round {m['round']}: MA {m['ma']:.4f}  ASR {m['asr']:.4f}  -> {out}")
@@ -127,12 +134,13 @@ def run(
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory (re-run to resume)")] = Path("runs/run"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    engine: EngineOpt = None,
 ) -> None:
     """All three phases in one run directory, then report.html. Re-running resumes unfinished phases."""
     from flsec.config import load_config
     from flsec.pipeline import run_pipeline
 
-    report = run_pipeline(load_config(config, set_), out, progress=not quiet)
+    report = run_pipeline(load_config(config, _with_engine(set_, engine)), out, progress=not quiet)
     _print_run(out, report)
 
 
