@@ -258,12 +258,14 @@ def test_attacker_poisons_batches_and_boosts_like_flsec() -> None:
     wrapped = attacker(client_fn, attack=attack, seed=3)
     params = [np.zeros((10, 64), dtype=np.float32), np.array([1, 2], dtype=np.int64)]
     config = {"server-round": 2}
-    honest_new, _, m_honest = wrapped(_context(1)).fit(params, config)
-    assert "flsec-attacking" not in m_honest and all(torch.equal(yb, clients[1].y[i * 5:i * 5 + 5])
+    honest = wrapped(_context(1))
+    assert isinstance(honest, _Linear)  # honest SuperNodes get their own client back
+    honest_new, _, m_honest = honest.fit(params, config)
+    assert list(m_honest) == ["loss"] and all(torch.equal(yb, clients[1].y[i * 5:i * 5 + 5])
                                                       for i, (_, yb) in enumerate(clients[1].seen))
     bad = wrapped(_context(0))
     new, n, metrics = bad.fit(params, config)
-    assert n == 20 and metrics["flsec-attacking"] == 1 and metrics["flsec-boost"] == 4.0
+    assert n == 20 and list(metrics) == ["loss"] and bad.attacked and bad.gamma == 4.0
     assert isinstance(clients[0].trainloader, list)  # the loader is restored after fit
     trig = make_trigger(TriggerConfig(offset=0), 8, 8)
     for i, (xb, yb) in enumerate(clients[0].seen):
@@ -287,10 +289,11 @@ def test_attacker_default_boost_needs_the_round_size_and_rounds_are_respected() 
     params = [np.zeros((10, 64), dtype=np.float32), np.array([0])]
     with pytest.raises(ConfigError, match="attack.boost_factor: required unless the strategy sends 'num-selected'"):
         wrapped(_context(0)).fit(params, {"server-round": 2})
-    _, _, m = wrapped(_context(0)).fit(params, {"server-round": 2, "num-selected": 5, "server-lr": 0.5})
-    assert m["flsec-boost"] == 10.0
-    _, _, m = wrapped(_context(0)).fit(params, {"server-round": 1, "num-selected": 5})
-    assert "flsec-boost" not in m
+    client = wrapped(_context(0))
+    client.fit(params, {"server-round": 2, "num-selected": 5, "server-lr": 0.5})
+    assert client.attacked and client.gamma == 10.0
+    client.fit(params, {"server-round": 1, "num-selected": 5})
+    assert not client.attacked and client.gamma == 1.0
     with pytest.raises(ConfigError, match="attack.num_malicious: must be >= 1"):
         attacker(lambda c: _Linear(0), attack={"kind": "backdoor"})
 
@@ -304,6 +307,7 @@ def test_client_train_speaks_the_message_api() -> None:
     msg = Message(content=RecordDict({"arrays": record, "config": ConfigRecord({"server-round": 1})}), metadata=meta)
     reply = handler(msg, _context(0))
     assert list(reply.content["arrays"].keys()) == ["w", "k"]
-    assert reply.content["metrics"]["num-examples"] == 20 and reply.content["metrics"]["flsec-attacking"] == 1
+    assert dict(reply.content["metrics"]).keys() == {"loss", "num-examples"}
+    assert reply.content["metrics"]["num-examples"] == 20
     assert reply.metadata.src_node_id == 100
     assert json.dumps(reply.content["arrays"]["k"].numpy().tolist()) == "[5]"

@@ -140,6 +140,7 @@ class AttackingClient(NumPyClient):
 
     def __init__(self, inner: NumPyClient, attack: FlowerAttack, partition: int) -> None:
         self.inner, self.attack, self.partition = inner, attack, partition
+        self.attacked, self.gamma = False, 1.0  # what the last fit did (its metrics stay the inner client's)
 
     def get_properties(self, config: dict[str, Any]) -> dict[str, Any]:
         return self.inner.get_properties(config)
@@ -152,6 +153,7 @@ class AttackingClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Any]) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         round_ = int(config["server-round"]) if "server-round" in config else None
+        self.attacked, self.gamma = False, 1.0
         if not self.attack.attacking(self.partition, round_):
             return self.inner.fit(parameters, config)
         a = self.attack
@@ -171,7 +173,8 @@ class AttackingClient(NumPyClient):
         if gamma != 1.0:
             new = [(p + gamma * (q - p)).astype(q.dtype) if np.issubdtype(q.dtype, np.floating) else q
                    for p, q in zip(parameters, new, strict=True)]
-        return new, num_examples, {**metrics, "flsec-attacking": 1, "flsec-boost": gamma}
+        self.attacked, self.gamma = True, gamma
+        return new, num_examples, metrics
 
 
 def attacker(client_fn: ClientFn, attack: AttackConfig | dict[str, Any], *, seed: int = 0,

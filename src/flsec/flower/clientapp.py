@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import dataclass
 
 from flwr.app import Context, Message
@@ -54,6 +55,8 @@ def worker_for(config_json: str) -> _Worker:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     del context
+    t = time.perf_counter()
     task, config_json = decode_task(msg.content)
     w = worker_for(config_json)
-    return Message(encode_reply(run_client(w.fed, w.model, task)), reply_to=msg)
+    reply = run_client(w.fed, w.model, task)
+    return Message(encode_reply(reply, time.perf_counter() - t), reply_to=msg)

@@ -50,17 +50,22 @@ def decode_task(content: RecordDict) -> tuple[ClientTask, str]:
     return task, str(t["config"])
 
 
-def encode_reply(reply: ClientReply) -> RecordDict:
+def encode_reply(reply: ClientReply, seconds: float = 0.0) -> RecordDict:
+    """``seconds``: how long the client's work took in the worker (for the engine's timing split only)."""
     content = RecordDict({
         UPDATE: _arrays({"flat": reply.update}),
         METRICS: MetricRecord({"client": reply.client, "num-examples": reply.num_samples, "loss": float(reply.loss),
-                               "steps": reply.steps}),
+                               "steps": reply.steps, "seconds": float(seconds)}),
     })
     if reply.capture is not None:
         content[SENT] = _arrays(reply.capture.sent)
         content[TRUTH] = _arrays(reply.capture.truth)
         content[META] = ConfigRecord({"json": json.dumps(reply.capture.meta)})
     return content
+
+
+def reply_seconds(content: RecordDict) -> float:
+    return float(content.metric_records[METRICS].get("seconds", 0.0))
 
 
 def decode_reply(content: RecordDict) -> ClientReply:

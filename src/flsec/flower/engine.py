@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ from flsec.fl.checkpoint import Checkpoint
 from flsec.fl.rounds import ClientReply, ClientTask
 from flsec.fl.server import RoundCallback, Server
 from flsec.flower.clientapp import app as client_app
-from flsec.flower.codec import decode_reply, encode_task, global_record
+from flsec.flower.codec import decode_reply, encode_task, global_record, reply_seconds
 
 
 class FlowerRunError(FlsecError):
@@ -36,11 +37,13 @@ class FlowerRunError(FlsecError):
 
 @dataclass
 class FlowerStats:
-    """Wall-clock of a Flower run: ``startup_s`` from the call until the ServerApp saw every node (Ray and
-    its actors started), then the seconds of each round (``round_s``, message to commit) and of the whole call."""
+    """Wall-clock of a Flower run, from the call: ``first_round_end_s`` (Ray, its actors and their
+    federations are up once round 1 is back), each round's seconds (``round_s``, messages out to commit),
+    the summed seconds the round's ClientApps spent on their work (``client_s``) and ``total_s``."""
 
-    startup_s: float = 0.0
+    first_round_end_s: float = 0.0
     round_s: list[float] = field(default_factory=list)
+    client_s: list[float] = field(default_factory=list)
     total_s: float = 0.0
 
 
@@ -109,7 +112,6 @@ class FlowerDriver:
     def main(self, grid: Grid, context: Context) -> None:
         del context
         nodes = self.wait_for_nodes(grid)
-        self.stats.startup_s = time.perf_counter() - self._t0
         server, cfg = self.server, self.server.config
         timeout = cfg.runtime.flower.round_timeout
         bar = tqdm(server.rounds, initial=server.start_round - 1, total=cfg.training.rounds,
@@ -121,9 +123,13 @@ class FlowerDriver:
             weights = global_record(tasks[0].global_weights)
             messages = [Message(encode_task(task, weights, self.config_json), dst_node_id=nodes[task.client % len(nodes)],
                                 message_type=MessageType.TRAIN, group_id=str(r)) for task in tasks]
-            replies = collect_replies(r, tasks, list(grid.send_and_receive(messages, timeout=timeout)), timeout)
+            answers = list(grid.send_and_receive(messages, timeout=timeout))
+            replies = collect_replies(r, tasks, answers, timeout)
             record = server.finish_round(r, replies)
             self.stats.round_s.append(time.perf_counter() - t)
+            self.stats.client_s.append(sum(reply_seconds(m.content) for m in answers))
+            if not self.stats.first_round_end_s:
+                self.stats.first_round_end_s = time.perf_counter() - self._t0
             bar.set_postfix(ma=f"{record['ma']:.3f}", asr=f"{record['asr']:.3f}")
             if self.on_round_end is not None:
                 self.on_round_end(r, record)
@@ -141,8 +147,10 @@ def run_flower(server: Server, progress: bool = True, on_round_end: RoundCallbac
     if not verbose:
         flwr_logger.setLevel(logging.ERROR)
     try:
-        run_simulation(server_app=driver.app, client_app=client_app, num_supernodes=driver.num_supernodes(),
-                       backend_config=backend_config(server.config), verbose_logging=verbose)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\..*")  # accelerator env-var notice
+            run_simulation(server_app=driver.app, client_app=client_app, num_supernodes=driver.num_supernodes(),
+                           backend_config=backend_config(server.config), verbose_logging=verbose)
     except RuntimeError as exc:
         cause = exc.__cause__
         if isinstance(cause, FlsecError):
