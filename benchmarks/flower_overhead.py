@@ -111,10 +111,13 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--only", default="digits,mnist20,mnist100,mnist1000")
+    ap.add_argument("--two-threads", default="digits",
+                    help="scenarios also run in-process with 2 torch threads (slow on a busy 2-core machine)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "flower")
     args = ap.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    results: dict[str, Any] = {"command": "benchmarks/flower_overhead.py " + f"--rounds {args.rounds} --only {args.only}",
+    results: dict[str, Any] = {"command": "benchmarks/flower_overhead.py "
+                               f"--rounds {args.rounds} --only {args.only} --two-threads {args.two_threads}",
                                "commit": commit, "machine": machine(), "seed": 0, "scenarios": {}}
     chosen = scenarios(args.data_dir, args.rounds)
     for name in args.only.split(","):
@@ -122,14 +125,15 @@ def main() -> None:
         cfg = load_config(path, overrides)
         with tempfile.TemporaryDirectory() as tmp:
             ip1 = run_inprocess(path, overrides, Path(tmp) / "inprocess1", threads=1)
-            ip2 = run_inprocess(path, overrides, Path(tmp) / "inprocess2", threads=2)
+            ip2 = run_inprocess(path, overrides, Path(tmp) / "inprocess2", threads=2) if name in args.two_threads else None
             fl = run_flower(path, overrides, Path(tmp) / "flower")
         results["scenarios"][name] = {
             "clients": cfg.training.num_clients, "per_round": cfg.clients_per_round, "rounds": cfg.training.rounds,
             "train_images": cfg.data.train_size or 60000, "inprocess_1_thread": ip1, "inprocess_2_threads": ip2,
             "flower": fl, "same_history_as_1_thread": ip1["history"] == fl["history"],
         }
-        print(name, f"in-process {ip1['steady_round_s']:.2f} s/round (1 thread), {ip2['steady_round_s']:.2f} (2 threads); "
+        two = f"{ip2['steady_round_s']:.2f}" if ip2 else "-"
+        print(name, f"in-process {ip1['steady_round_s']:.2f} s/round (1 thread), {two} (2 threads); "
               f"flower {fl['steady_round_s']:.2f} s/round, start-up {fl['startup_s']:.1f} s, split {fl['split']}, "
               f"same history {ip1['history'] == fl['history']}", flush=True)
         write_json(args.out.with_suffix(".json"), results)
@@ -158,8 +162,9 @@ def report(res: dict[str, Any]) -> str:
     ]
     for name, s in res["scenarios"].items():
         ip1, ip2, fl = s["inprocess_1_thread"], s["inprocess_2_threads"], s["flower"]
+        two = f"{ip2['steady_round_s']:.2f}" if ip2 else "not run"
         lines.append(f"| {name} | {s['clients']} ({s['per_round']}) | {s['train_images']} | {ip1['steady_round_s']:.2f} "
-                     f"| {ip2['steady_round_s']:.2f} | {fl['steady_round_s']:.2f} | {fl['split']['flower_ray_s']:.2f} "
+                     f"| {two} | {fl['steady_round_s']:.2f} | {fl['split']['flower_ray_s']:.2f} "
                      f"| {fl['startup_s']:.1f} | {'yes' if s['same_history_as_1_thread'] else 'no'} |")
     lines += ["", "Where a steady Flower round goes (medians, seconds):", "",
               "| scenario | server (aggregate, evaluate, commit) | ClientApp work / actors | ClientApp work, summed "
