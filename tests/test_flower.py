@@ -311,3 +311,16 @@ def test_client_train_speaks_the_message_api() -> None:
     assert reply.content["metrics"]["num-examples"] == 20
     assert reply.metadata.src_node_id == 100
     assert json.dumps(reply.content["arrays"]["k"].numpy().tolist()) == "[5]"
+
+
+def test_label_flip_relabels_only_the_source_class_in_tuples_and_dicts() -> None:
+    from flsec.config import AttackConfig
+    from flsec.flower.attacker import FlowerAttack, PoisonedBatches
+
+    spec = FlowerAttack(AttackConfig(kind="label_flip", num_malicious=1, source_label=3, target_label=0))
+    x, y = torch.rand(6, 1, 4, 4), torch.tensor([3, 1, 3, 2, 0, 3])
+    flipped = torch.tensor([0, 1, 0, 2, 0, 0])
+    (xb, yb), = list(PoisonedBatches([(x, y)], spec, 0, torch.Generator()))
+    assert torch.equal(xb, x) and torch.equal(yb, flipped)
+    (d,) = list(PoisonedBatches([{"img": x, "label": y, "id": 7}], spec, 0, torch.Generator()))
+    assert torch.equal(d["img"], x) and torch.equal(d["label"], flipped) and d["id"] == 7

@@ -25,7 +25,8 @@ def _root() -> None:
 
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. training.rounds=5")]
-EngineOpt = Annotated[str | None, typer.Option("--engine", help="runtime.engine: inprocess or flower (needs flsec[flower])")]
+EngineOpt = Annotated[str | None, typer.Option(
+    "--engine", help="runtime.engine: inprocess or flower (needs the flower extra)")]
 
 
 def _with_engine(set_: list[str] | None, engine: str | None) -> list[str]:

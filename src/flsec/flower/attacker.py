@@ -19,7 +19,8 @@ Batches are ``(x, y, ...)`` tuples/lists or dicts (``image_key``, ``label_key``)
 
 :func:`client_train` turns such a ``client_fn`` into a handler for a Message-API ``ClientApp``
 (``app.train()(client_train(client_fn))``), talking to :class:`~flwr.serverapp.strategy.FedAvg`-style
-strategies; ``ClientApp(client_fn=...)`` (Flower's legacy path) works with it unchanged as well.
+strategies such as :class:`~flsec.flower.RobustStrategy`. The wrapped ``client_fn`` returns the same kind
+of object as the original (a ``NumPyClient``, or a ``Client`` made by its ``to_client()``).
 """
 
 from __future__ import annotations
