@@ -6,7 +6,8 @@ process on 127.0.0.1, then ``flwr run`` against it. Exits 0 when the run finishe
 Every process runs with ``--insecure`` (plain HTTP on the loopback interface only) and without Flower's
 runtime dependency installation: the app runs in the current environment, which must have
 ``flsec[flower]`` installed. Each process gets its own FLWR_HOME in a temporary directory, so the
-user's ``~/.flwr`` is never touched; all processes are stopped on exit.
+user's ``~/.flwr`` is never touched; all processes are stopped on exit. Flower's usage telemetry and update
+check are off unless FLWR_TELEMETRY_ENABLED is set.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def main() -> int:
     result = (args.result or Path(tempfile.gettempdir()) / f"{work.name}-result.json").resolve()
     result.unlink(missing_ok=True)
     port = free_port()
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
+    env = {"FLWR_TELEMETRY_ENABLED": "0", **os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_DISABLE_UPDATE_CHECK": "1",
            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
 
     def spawn(name: str, cmd: list[str]) -> subprocess.Popen[bytes]:

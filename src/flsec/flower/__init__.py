@@ -13,7 +13,13 @@
 
 from __future__ import annotations
 
+import os
+
 from flsec.errors import FlsecError
+
+# Flower reports usage events to its servers unless told not to; a research tool run on private or offline
+# machines should not. Set FLWR_TELEMETRY_ENABLED=1 before importing flsec.flower to keep Flower's default.
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 try:
     import flwr  # noqa: F401
