@@ -237,7 +237,7 @@ class _Linear(NumPyClient):
             loss = torch.nn.functional.cross_entropy(xb.flatten(1) @ w.T, yb)
             (grad,) = torch.autograd.grad(loss, w)
             w = (w - 0.1 * grad).detach().requires_grad_(True)
-        return [w.detach().numpy(), parameters[1]], 20, {"loss": float(loss)}
+        return [w.detach().numpy(), parameters[1]], 20, {"loss": float(loss.detach())}
 
 
 def _context(partition: int) -> Context:
