@@ -34,6 +34,13 @@ def _root(
 
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. training.rounds=5")]
+EngineOpt = Annotated[str | None, typer.Option(
+    "--engine", help="runtime.engine: inprocess or flower (needs the flower extra)")]
+
+
+def _with_engine(set_: list[str] | None, engine: str | None) -> list[str]:
+    """``--engine X`` is ``--set runtime.engine="X"`` (validated with the rest of the config)."""
+    return [*(set_ or []), *([f'runtime.engine="{engine}"'] if engine is not None else [])]
 
 
 @app.command()
@@ -43,13 +50,14 @@ def train(
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in --out")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    engine: EngineOpt = None,
 ) -> None:
     """Phase 1: federated training under attack; writes a checkpoint directory."""
     from flsec.config import load_config
     from flsec.fl.server import fmt_rate
     from flsec.fl.server import train as run_training
 
-    cfg = load_config(config, set_)
+    cfg = load_config(config, _with_engine(set_, engine))
     ckpt = run_training(cfg, out, resume=resume, progress=not quiet)
     m = ckpt.history[-1]
     typer.echo(f"round {m['round']}: MA {m['ma']:.4f}  ASR {fmt_rate(m['asr'], 4)}  -> {out}")
@@ -167,6 +175,7 @@ def run(
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/run"),
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in --out")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    engine: EngineOpt = None,
 ) -> None:
     """All three phases in one run directory, then report.html. --resume continues unfinished phases
     (finished ones are never redone)."""
@@ -174,7 +183,7 @@ def run(
     from flsec.errors import CheckpointError
     from flsec.pipeline import run_pipeline
 
-    cfg = load_config(config, set_)
+    cfg = load_config(config, _with_engine(set_, engine))
     if not resume and (out / "train" / "meta.json").exists():
         raise CheckpointError(f"--out: {out} already holds a run; pass --resume to continue it or choose a new --out")
     report = run_pipeline(cfg, out, progress=not quiet)

@@ -162,6 +162,18 @@ class UnlearningConfig(_Section):
     baselines: bool = Field(True, description="also run plain fine-tuning and retraining without attackers")
 
 
+class FlowerConfig(_Section):
+    """``runtime.engine = "flower"``: Flower's simulation engine (Ray) runs the clients."""
+
+    num_supernodes: int | None = Field(
+        None, ge=1, description="virtual SuperNodes (default: training.num_clients); client c runs on node c mod this")
+    client_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per running ClientApp (backend client_resources)")
+    client_gpus: float = Field(0.0, ge=0, description="GPUs (or a fraction) Ray reserves per running ClientApp")
+    ray_address: str | None = Field(None, description="join a running Ray cluster (ray.init address); default: start one")
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs a Ray started here may use (default: all)")
+    round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for a round's replies before failing")
+
+
 class RuntimeConfig(_Section):
     """How a run is executed; changing it never changes what is computed beyond float rounding."""
 
@@ -169,6 +181,9 @@ class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: CUDA, then MPS, then CPU")
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (default: torch's choice)")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision; fp16 needs a GPU")
+    engine: Literal["inprocess", "flower"] = Field(
+        "inprocess", description="inprocess: this process drives the rounds; flower: a Flower ServerApp + ClientApp")
+    flower: FlowerConfig = FlowerConfig()
 
 
 class ExperimentConfig(_Section):

@@ -227,9 +227,14 @@ def train(
     on_round_end: RoundCallback | None = None,
 ) -> Checkpoint:
     """Run (or resume) a federated training experiment into the run directory ``out``, with the
-    clients of each round run in this process by the configured client engine. The directory is
+    clients of each round run in this process by the configured client engine (``runtime.engine =
+    "flower"``: on Flower's simulation engine, see :mod:`flsec.flower.engine`). The directory is
     locked for the duration: a second process writing it is refused."""
     with locked_dir(Path(out)):
+        if config.runtime.engine == "flower":
+            from flsec.flower.engine import train_on_flower
+
+            return train_on_flower(config, Path(out), resume, progress, on_round_end)
         server = Server(config, Path(out), resume)
         if server.finished is not None:
             return server.finished
