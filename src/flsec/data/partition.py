@@ -38,6 +38,8 @@ def dirichlet_partition(
         for idx in by_class:
             idx = rng.permutation(idx)
             shares = rng.dirichlet(np.full(num_clients, alpha))
+            if not np.isfinite(shares).all():
+                raise ConfigError(f"data.alpha: Dirichlet({alpha}) cannot be sampled in floating point; use alpha >= 1e-3")
             cuts = (np.cumsum(shares) * len(idx)).astype(int)[:-1]
             counts = np.diff(np.concatenate(([0], np.clip(cuts, 0, len(idx)), [len(idx)])))
             owner[idx] = np.repeat(np.arange(num_clients), counts)
