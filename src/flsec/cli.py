@@ -43,6 +43,14 @@ def _with_engine(set_: list[str] | None, engine: str | None) -> list[str]:
     return [*(set_ or []), *([f'runtime.engine="{engine}"'] if engine is not None else [])]
 
 
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (runtime.device)")]
+
+
+def _with_device(overrides: list[str] | None, device: str | None) -> list[str]:
+    """``--device X`` is ``--set runtime.device="X"`` (validated the same way)."""
+    return [*(overrides or []), *([f'runtime.device="{device}"'] if device is not None else [])]
+
+
 @app.command()
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory to write")],
@@ -51,13 +59,14 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in --out")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     engine: EngineOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Phase 1: federated training under attack; writes a checkpoint directory."""
     from flsec.config import load_config
     from flsec.fl.server import fmt_rate
     from flsec.fl.server import train as run_training
 
-    cfg = load_config(config, _with_engine(set_, engine))
+    cfg = load_config(config, _with_engine(_with_device(set_, device), engine))
     ckpt = run_training(cfg, out, resume=resume, progress=not quiet)
     m = ckpt.history[-1]
     typer.echo(f"round {m['round']}: MA {m['ma']:.4f}  ASR {fmt_rate(m['asr'], 4)}  -> {out}")
@@ -176,6 +185,7 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in --out")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
     engine: EngineOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """All three phases in one run directory, then report.html. --resume continues unfinished phases
     (finished ones are never redone)."""
@@ -183,7 +193,7 @@ def run(
     from flsec.errors import CheckpointError
     from flsec.pipeline import run_pipeline
 
-    cfg = load_config(config, _with_engine(set_, engine))
+    cfg = load_config(config, _with_engine(_with_device(set_, device), engine))
     if not resume and (out / "train" / "meta.json").exists():
         raise CheckpointError(f"--out: {out} already holds a run; pass --resume to continue it or choose a new --out")
     report = run_pipeline(cfg, out, progress=not quiet)

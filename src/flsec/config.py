@@ -177,13 +177,28 @@ class FlowerConfig(_Section):
 class RuntimeConfig(_Section):
     """How a run is executed; changing it never changes what is computed beyond float rounding."""
 
-    client_engine: Literal["sequential"] = Field("sequential", description="how a round's clients are run")
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: CUDA, then MPS, then CPU")
+    client_engine: Literal["sequential", "vectorised", "auto"] = Field(
+        "sequential", description="how a round's clients are run: one after another (the reference), vectorised "
+        "with torch.func over client_chunk clients at once, or auto (picked by device and batch size)")
+    client_chunk: int = Field(32, ge=1, le=4096, description="vectorised engine: clients trained at once (bounds memory)")
+    device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (default: torch's choice)")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision; fp16 needs a GPU")
+    memory_format: Literal["contiguous", "channels_last"] = Field(
+        "contiguous", description="layout of convolution weights and activations (channels_last: faster oneDNN "
+        "kernels on CPU)")
     engine: Literal["inprocess", "flower"] = Field(
         "inprocess", description="inprocess: this process drives the rounds; flower: a Flower ServerApp + ClientApp")
     flower: FlowerConfig = FlowerConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        import re
+
+        if v not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", v):
+            raise ValueError(f"unknown device '{v}'; allowed: auto, cpu, cuda, cuda:N, mps")
+        return v
 
 
 class ExperimentConfig(_Section):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -15,8 +16,9 @@ from flsec.config import ExperimentConfig
 from flsec.data import ImageDataset, load_dataset, make_partition
 from flsec.errors import ConfigError
 from flsec.fl.client import BatchTransform, LocalSpec, TrainingHooks
-from flsec.fl.evaluate import backdoor_asr, label_flip_asr, main_accuracy
+from flsec.fl.evaluate import TestSets, backdoor_attack_set, evaluate
 from flsec.models import InputSpec, build_model, check_fits
+from flsec.runtime import Runtime, Stopwatch
 
 
 @dataclass
@@ -27,6 +29,9 @@ class Federation:
     shards: list[np.ndarray]
     trigger: Trigger
     malicious: frozenset[int]
+    runtime: Runtime = dataclasses.field(default_factory=Runtime)
+    stopwatch: Stopwatch = dataclasses.field(default_factory=Stopwatch, repr=False, compare=False)
+    _test_sets: dict[torch.device, TestSets] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def from_config(cls, config: ExperimentConfig) -> Federation:
@@ -43,10 +48,12 @@ class Federation:
             config.data.alpha, config.data.min_client_size,
         )
         trigger = make_trigger(config.attack.trigger, h, w)
-        return cls(config, data, spec, shards, trigger, frozenset(config.malicious_ids))
+        return cls(config, data, spec, shards, trigger, frozenset(config.malicious_ids),
+                   Runtime.from_config(config.runtime))
 
     def new_model(self) -> nn.Module:
-        return build_model(self.config.model.name, self.spec, self.config.seed)
+        """The experiment's model at its seeded initial weights, on the run's device and memory format."""
+        return self.runtime.place(build_model(self.config.model.name, self.spec, self.config.seed))
 
     @property
     def local_spec(self) -> LocalSpec:
@@ -76,7 +83,8 @@ class Federation:
             return None
 
         def poison(x: torch.Tensor, y: torch.Tensor, g: torch.Generator, trig: Trigger) -> tuple[torch.Tensor, torch.Tensor]:
-            xp, yp, _ = poison_batch(x, y, trig, a.target_label, a.poison_fraction, g)
+            with self.stopwatch.time("attack"):
+                xp, yp, _ = poison_batch(x, y, trig, a.target_label, a.poison_fraction, g)
             return xp, yp
 
         return partial(poison, trig=self.client_trigger(client))
@@ -86,12 +94,16 @@ class Federation:
         del client, round_
         return None
 
+    def test_sets(self, device: torch.device) -> TestSets:
+        """The clean and attack test sets on ``device``, built once per device."""
+        if device not in self._test_sets:
+            a = self.config.attack
+            x, y = self.data.x_test, self.data.y_test
+            attack = x[y == a.source_label] if a.kind == "label_flip" else backdoor_attack_set(x, y, self.trigger,
+                                                                                             a.target_label)
+            self._test_sets[device] = TestSets(x, y, attack, a.target_label).to(device)
+        return self._test_sets[device]
+
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        a = self.config.attack
-        x, y = self.data.x_test, self.data.y_test
-        metrics = {"ma": main_accuracy(model, x, y)}
-        if a.kind == "label_flip":
-            metrics["asr"] = label_flip_asr(model, x, y, a.source_label, a.target_label)
-        else:
-            metrics["asr"] = backdoor_asr(model, x, y, self.trigger, a.target_label)
-        return metrics
+        """MA and ASR (DESIGN.md) of ``model``, in fp32 whatever the training precision."""
+        return evaluate(model, self.test_sets(next(model.parameters()).device))

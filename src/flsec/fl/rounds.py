@@ -10,6 +10,7 @@ ClientApp calls it in a worker, and the vectorised engine must reproduce its ari
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +19,7 @@ from torch import nn
 
 from flsec.attacks.backdoor import poison_batch
 from flsec.attacks.boosting import boost, default_boost_factor
-from flsec.fl.client import batch_gradient, client_batches, local_train_on
+from flsec.fl.client import LocalResult, batch_gradient, client_batches, local_train_on
 from flsec.fl.federation import Federation
 from flsec.fl.params import derive_seed, generator, set_flat
 
@@ -96,12 +97,23 @@ def capture_gradients(fed: Federation, model: nn.Module, client: int, round_: in
     return sent, truth
 
 
-def run_client(fed: Federation, model: nn.Module, task: ClientTask) -> ClientReply:
-    """One client's round: start from the global weights, (optionally) capture FedSGD gradients,
-    train locally on its (possibly poisoned) data, apply update-level attacks, reply.
+@dataclass
+class ClientJob:
+    """A client's round up to local training: its data, its batches in training order (lazy), the
+    seed they come from and the FedSGD gradients captured on the global model (if recorded)."""
 
-    ``model`` is scratch space: its weights are overwritten with ``task.global_weights``.
-    """
+    x: torch.Tensor
+    y: torch.Tensor
+    seed: int
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]]
+    steps: int
+    sent: dict[str, torch.Tensor]
+    truth: dict[str, torch.Tensor]
+
+
+def prepare_client(fed: Federation, model: nn.Module, task: ClientTask) -> ClientJob:
+    """Everything of :func:`run_client` before local training. ``model`` is scratch space: it is set
+    to ``task.global_weights`` (the model local training starts from)."""
     c, r, spec = task.client, task.round, fed.local_spec
     set_flat(model, task.global_weights)
     x, y = fed.client_data(c)
@@ -111,17 +123,38 @@ def run_client(fed: Federation, model: nn.Module, task: ClientTask) -> ClientRep
         sent, truth = capture_gradients(fed, model, c, r, x, y)
     seed = local_seed(fed.config.seed, r, c)
     batches = client_batches(x, y, spec, torch.Generator().manual_seed(seed), fed.transform(c, r))
-    res = local_train_on(model, batches, spec, fed.training_hooks(c, r))
+    return ClientJob(x, y, seed, batches, spec.steps(len(y)), sent, truth)
+
+
+def finish_client(fed: Federation, task: ClientTask, job: ClientJob, res: LocalResult) -> ClientReply:
+    """Everything of :func:`run_client` after local training: update-level attacks and the reply."""
+    c, r, spec = task.client, task.round, fed.local_spec
     gamma = boost_factor(fed, task)
-    update = boost(res.update, gamma) if gamma != 1.0 else res.update
+    update = res.update
+    if gamma != 1.0:
+        with fed.stopwatch.time("attack"):
+            update = boost(res.update, gamma)
     capture = None
     if task.capture:
+        sent, truth = dict(job.sent), dict(job.truth)
         if fed.config.capture.updates:
             sent["update"] = update
-            truth["update/images"], truth["update/labels"] = x, y
-        meta = {"malicious": c in fed.malicious, "attacking": fed.attacking(c, r), "num_samples": len(y),
+            truth["update/images"], truth["update/labels"] = job.x, job.y
+        meta = {"malicious": c in fed.malicious, "attacking": fed.attacking(c, r), "num_samples": len(job.y),
                 "epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,
                 "momentum": spec.momentum, "weight_decay": spec.weight_decay, "steps": res.steps,
-                "boost_factor": gamma, "local_seed": seed}
+                "boost_factor": gamma, "local_seed": job.seed}
         capture = CaptureRecord(sent, truth, meta)
-    return ClientReply(c, update, len(y), res.loss, res.steps, capture)
+    return ClientReply(c, update, len(job.y), res.loss, res.steps, capture)
+
+
+def run_client(fed: Federation, model: nn.Module, task: ClientTask) -> ClientReply:
+    """One client's round: start from the global weights, (optionally) capture FedSGD gradients,
+    train locally on its (possibly poisoned) data, apply update-level attacks, reply.
+
+    ``model`` is scratch space: its weights are overwritten with ``task.global_weights``.
+    """
+    job = prepare_client(fed, model, task)
+    res = local_train_on(model, job.batches, fed.local_spec, fed.training_hooks(task.client, task.round),
+                         precision=fed.runtime.precision)
+    return finish_client(fed, task, job, res)

@@ -99,6 +99,8 @@ class Server:
         self.finished: Checkpoint | None = None
         self.cap_rounds, self.cap_clients = capture_plan(config)
         self.timings: list[dict[str, float]] = []
+        self.client_engine = config.runtime.client_engine
+        self._saving = 0.0
         self.seconds: list[float] = []
         self._round: tuple[int, list[int], torch.Tensor, float] | None = None
         if out is not None:  # None: a dry run that builds and checks everything and writes nothing
@@ -126,7 +128,8 @@ class Server:
             state = ckpt.state()
             self.model.load_state_dict({k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")})
             self.aggregator.load_state_dict(
-                {k[len("aggregator/"):]: v for k, v in state.items() if k.startswith("aggregator/")})
+                {k[len("aggregator/"):]: v.to(self.aggregation_device)
+                 for k, v in state.items() if k.startswith("aggregator/")})
             self.history = ckpt.history[: ckpt.round]
             self.writer.resume_from(ckpt)
             self.start_round = ckpt.round + 1
@@ -142,8 +145,13 @@ class Server:
     def _meta_extra(self) -> dict[str, Any]:
         return {"malicious_ids": sorted(self.fed.malicious), "seconds_per_round": list(self.seconds),
                 "input_spec": dataclasses.asdict(self.fed.spec),
-                "runtime": {"device": "cpu", "threads": torch.get_num_threads(),
-                            "precision": self.config.runtime.precision}}
+                "runtime": {**self.fed.runtime.describe(), "client_engine": self.client_engine}}
+
+    @property
+    def aggregation_device(self) -> torch.device:
+        """Where the update stack is aggregated: the run's device for rules that declare
+        ``supports_device = True`` (pure tensor maths), the CPU for the others (e.g. NumPy-based)."""
+        return self.fed.runtime.device if getattr(self.aggregator, "supports_device", False) else torch.device("cpu")
 
     @property
     def rounds(self) -> range:
@@ -154,10 +162,14 @@ class Server:
         """Select the round's clients and build their tasks (in increasing client id)."""
         selected = select_clients(self.config.seed, r, self.config.training.num_clients, self.per_round)
         attackers = sum(self.fed.attacking(c, r) for c in selected)
+        t0 = time.perf_counter()
         if r in self.cap_rounds and self.cap_clients & set(selected):
             self.writer.write_round_model(r, self.model)
         global_flat = get_flat(self.model)
-        self._round = (r, selected, global_flat, time.perf_counter())
+        self.fed.stopwatch.pop("attack")
+        t_begin = time.perf_counter()
+        self._saving = t_begin - t0
+        self._round = (r, selected, global_flat, t_begin)
         return [ClientTask(c, r, global_flat, len(selected), attackers,
                            capture=r in self.cap_rounds and c in self.cap_clients) for c in selected]
 
@@ -169,10 +181,13 @@ class Server:
         replies = sorted(replies, key=lambda rep: rep.client)
         if [rep.client for rep in replies] != selected:
             raise RuntimeError(f"round {r}: replies from {[rep.client for rep in replies]}, selected {selected}")
+        _sync(self.fed.runtime.device)
         t_clients = time.perf_counter()
+        attack = self.fed.stopwatch.pop("attack")
         for rep in replies:
             if rep.capture is not None:
                 self.writer.write_capture(r, rep.client, rep.capture.sent, rep.capture.truth, rep.capture.meta)
+        t_agg = time.perf_counter()
         updates = [rep.update for rep in replies]
         stack = torch.stack(updates)
         finite = torch.isfinite(stack).all(dim=1)
@@ -180,13 +195,15 @@ class Server:
             raise TrainingDivergedError(f"round {r}: every client update ({len(updates)}) holds NaN or Inf, so "
                                         f"training diverged; lower training.lr (now {self.config.training.lr}). Rounds "
                                         f"up to {r - 1} are saved")
-        t_agg = time.perf_counter()
-        result = self.aggregator(stack, torch.tensor([rep.num_samples for rep in replies]), selected)
-        new_global = global_flat + self.config.training.server_lr * result.update
+        dev = self.aggregation_device
+        with torch.device(dev):
+            result = self.aggregator(stack.to(dev), torch.tensor([rep.num_samples for rep in replies]), selected)
+        new_global = global_flat + self.config.training.server_lr * result.update.to(global_flat.device)
         if not bool(torch.isfinite(new_global).all()):
             raise TrainingDivergedError(f"round {r}: the aggregated model ({self.config.aggregation.name}) holds NaN or "
                                         f"Inf; training diverged. Rounds up to {r - 1} are saved")
         set_flat(self.model, new_global)
+        _sync(self.fed.runtime.device)
         t_eval = time.perf_counter()
         metrics = self.fed.evaluate(self.model)
         record = {
@@ -205,18 +222,25 @@ class Server:
             record["non_finite_updates"] = [c for c, ok in zip(selected, finite.tolist(), strict=True) if not ok]
         self.history.append(record)
         t_commit = time.perf_counter()
-        timing = {"clients": t_clients - t_begin, "aggregation": t_eval - t_agg, "evaluation": t_commit - t_eval}
+        timing = {"local_training": t_clients - t_begin - attack, "attack": attack, "aggregation": t_eval - t_agg,
+                  "evaluation": t_commit - t_eval}
         self.seconds.append(sum(timing.values()))
         fault_point("round:before_commit")
         self.writer.commit_round(r, self.model, self.aggregator.state_dict(), self.history, self._meta_extra(),
                                  complete=r == self.config.training.rounds)
-        timing["captures_and_commit"] = time.perf_counter() - t_commit + (t_agg - t_clients)
+        timing["capture_and_save"] = time.perf_counter() - t_commit + (t_agg - t_clients) + self._saving
         self.timings.append(timing)
         self._round = None
         return record
 
     def checkpoint(self) -> Checkpoint:
         return self.finished or load_checkpoint(self.out)
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings are attributed to the right part."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train(
@@ -239,6 +263,7 @@ def train(
         if server.finished is not None:
             return server.finished
         clients = CLIENT_ENGINES.get(config.runtime.client_engine)(server.fed)
+        server.client_engine = getattr(clients, "name", config.runtime.client_engine)
         bar = tqdm(server.rounds, initial=server.start_round - 1, total=config.training.rounds,
                    desc=f"train {config.aggregation.name}", disable=not progress, unit="round", dynamic_ncols=True)
         for r in bar:
