@@ -19,15 +19,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flsec.aggregation import AggregatorParams, build_aggregator
+from flsec.aggregation import AggregationContext, build_aggregator, params_from_config
 from flsec.config import ExperimentConfig
 from flsec.errors import CheckpointError
 from flsec.fl.checkpoint import Checkpoint, RunWriter, load_checkpoint
+from flsec.fl.client import local_train_on
 from flsec.fl.engines import CLIENT_ENGINES
 from flsec.fl.federation import Federation
-from flsec.fl.params import derive_seed, get_flat, set_flat
-from flsec.fl.rounds import SELECT, ClientReply, ClientTask
-from flsec.models import output_layer_slice
+from flsec.fl.params import derive_seed, generator, get_flat, set_flat
+from flsec.fl.rounds import AGGREGATE, SELECT, ClientReply, ClientTask
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
 
@@ -69,14 +69,8 @@ class Server:
         self.fed = federation or Federation.from_config(config)
         self.model = self.fed.new_model()
         self.per_round = config.clients_per_round
-        a = config.aggregation
-        params = AggregatorParams(
-            f=config.assumed_attackers, multi_krum_m=a.multi_krum_m, trim_beta=a.trim_beta,
-            foolsgold_kappa=a.foolsgold_kappa, fl_defender_components=a.fl_defender_components,
-            output_layer=output_layer_slice(self.model),
-        )
-        self.aggregator = build_aggregator(a.name, params)
-        self.aggregator.check(self.per_round)
+        self.aggregator = build_aggregator(config.aggregation.name, params_from_config(config, self.model))
+        self.aggregator.validate(self.per_round)
         self.writer = RunWriter(self.out, config)
         self.history: list[dict[str, Any]] = []
         self.start_round = 1
@@ -140,7 +134,8 @@ class Server:
                 self.writer.write_capture(r, rep.client, rep.capture.sent, rep.capture.truth, rep.capture.meta)
         updates = [rep.update for rep in replies]
         t_agg = time.perf_counter()
-        result = self.aggregator(torch.stack(updates), torch.tensor([rep.num_samples for rep in replies]), selected)
+        result = self.aggregator(torch.stack(updates), torch.tensor([rep.num_samples for rep in replies]), selected,
+                                 self._context(r, global_flat, [rep.steps for rep in replies]))
         set_flat(self.model, global_flat + self.config.training.server_lr * result.update)
         t_eval = time.perf_counter()
         metrics = self.fed.evaluate(self.model)
@@ -153,6 +148,8 @@ class Server:
             "attackers": [c for c in selected if self.fed.attacking(c, r)],
             "weights": [round(float(w), 6) for w in result.weights],
             "update_norms": [round(float(u.norm()), 6) for u in updates],
+            "rejected": {str(c): why for c, why in sorted(result.rejected.items())},
+            "notes": result.notes,
         }
         self.history.append(record)
         t_commit = time.perf_counter()
@@ -166,6 +163,22 @@ class Server:
         self.timings.append(timing)
         self._round = None
         return record
+
+    def _context(self, r: int, global_flat: torch.Tensor, client_steps: list[int]) -> AggregationContext:
+        """What the aggregator may use besides the updates: a seeded generator, the global weights
+        and, for rules that need one, the server's own update on its root data (same local
+        optimiser as the clients, ``aggregator.server_steps`` steps of random root batches)."""
+        server_update = None
+        if "server_update" in self.aggregator.needs and self.fed.root is not None:
+            x, y = self.fed.root
+            g = generator(self.config.seed, r, AGGREGATE, 1)
+            spec = self.fed.local_spec
+            batches = [(x[i], y[i]) for i in (torch.randperm(len(y), generator=g)[: spec.batch_size]
+                                              for _ in range(self.aggregator.server_steps(client_steps)))]
+            model = self.fed.new_model()
+            set_flat(model, global_flat)
+            server_update = local_train_on(model, batches, spec).update
+        return AggregationContext(r, generator(self.config.seed, r, AGGREGATE), global_flat, server_update)
 
     def checkpoint(self) -> Checkpoint:
         return self.finished or load_checkpoint(self.out)
