@@ -38,7 +38,7 @@ def spectrum_is_separated(g: np.ndarray, components: int) -> bool:
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.integers(3, 30), st.integers(1, 300), st.data())
+@given(st.integers(3, 30), st.integers(1, 2000), st.data())
 def test_fl_defender_matches_reference_over_rounds(peers: int, d: int, data: st.DataObject) -> None:
     components = data.draw(st.integers(1, 3))
     rule = build_aggregator("fl_defender", AggregatorParams(fl_defender_components=components, num_clients=peers))
@@ -72,14 +72,21 @@ def test_cosine_matrix_minus_identity_and_standardisation_matter() -> None:
 
 
 def test_quartile_is_over_all_peers_histories() -> None:
-    """Regression: q1 and the maximum were taken over this round's clients only. With 8 peers and
-    only 4 selected, the peers never seen count as zero history."""
+    """Regression: q1 and the maximum were taken over this round's clients only. With 8 peers of
+    which 4 are selected, the others' histories (here: never selected, zero) count too."""
+    g = torch.Generator().manual_seed(5)
+    u = torch.randn(4, 10, generator=g)
     rule = build_aggregator("fl_defender", AggregatorParams(num_clients=8))
-    rule.scores = {0: 3.0, 1: 2.0, 2: 1.0, 3: 0.5}
-    history = torch.tensor([3.0, 2.0, 1.0, 0.5, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64)
-    t = trust_from_history(history)
-    assert torch.allclose(t[:4], torch.tensor([1.0, 2 / 3, 1 / 3, 1 / 6], dtype=torch.float64))
-    assert torch.all(t[4:] == 0)
+    rule.scores = {0: 4.0, 1: 3.5, 2: 3.0, 3: 2.5}
+    res = rule(u, torch.ones(4), [0, 1, 2, 3])
+    history = np.array([4.0, 3.5, 3.0, 2.5, 0, 0, 0, 0])
+    history[:4] += round_scores_reference(u.numpy())
+    trust = np.clip((history - np.quantile(history, 0.25)) / (history - np.quantile(history, 0.25)).max(), 0, None)
+    assert_close(res.weights, trust[:4] / trust[:4].sum(), what="weights")
+    this_round_only = np.clip(history[:4] - np.quantile(history[:4], 0.25), 0, None)
+    lowest = int(np.argmin(history[:4]))
+    assert this_round_only[lowest] == 0 and float(res.weights[lowest]) > 0  # the old rule gave it no weight
+    assert torch.allclose(trust_from_history(torch.from_numpy(history))[4:], torch.zeros(4, dtype=torch.float64))
 
 
 def test_equal_histories_trust_everyone() -> None:

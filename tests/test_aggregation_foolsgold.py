@@ -38,7 +38,7 @@ def foolsgold_reference(h: np.ndarray, kappa: float = 1.0) -> np.ndarray:
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.lists(stacks(max_d=400), min_size=1, max_size=3), st.floats(0.25, 4.0))
+@given(st.lists(stacks(), min_size=1, max_size=3), st.floats(0.25, 4.0))
 def test_foolsgold_matches_reference_over_rounds(rounds: list[np.ndarray], kappa: float) -> None:
     d = rounds[0].shape[1]
     k = len(rounds[0])
