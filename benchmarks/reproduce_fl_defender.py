@@ -263,9 +263,9 @@ SETTING = """## The paper's setting, as extracted from the authors' code
   `round(share x class size)` images each, taken in order (a few left over by rounding are
   dropped). flsec uses its Dirichlet(1) split (`data.partition = "dirichlet"`, every sample assigned,
   re-drawn until each peer holds >= 8 samples).
-* Attackers: `attackers_ratio = 0.2` of the peers that hold source-class samples (all 20 here) = 4,
-  chosen at random; they attack in every round (`malicious_behavior_rate = 1`). flsec: peers 0-3
-  (the split is exchangeable in the peer index; the script checks they hold source-class samples).
+* Attackers: `attackers_ratio = 0.2` of the peers that hold source-class samples (all 20 here) = 4:
+  the first 4 such peers in a random order of the peers; they attack in every round
+  (`malicious_behavior_rate = 1`). The script draws them the same way from a seeded permutation.
 * Label flipping: the attackers' source-class samples (9) are relabelled to the target (0); ASR =
   share of source-class test images predicted as the target (`lf_asr` from the confusion matrix).
 * Backdoor: in every batch of an attacker, the batch's source-class images are copied, their
@@ -273,7 +273,12 @@ SETTING = """## The paper's setting, as extracted from the authors' code
   target, and appended to the batch; ASR = share of the source-class test images that, stamped, are
   predicted as the target (`test_backdoor`). No boosting.
 * Training: 100 rounds, all 20 peers per round, 3 local epochs, batch 64 (`drop_last=True`; flsec
-  keeps the last partial batch), SGD lr 0.01, momentum 0.9, weight decay 5e-4, the CNN above.
+  keeps the last partial batch), SGD lr 0.01, momentum 0.9, weight decay 5e-4, the authors' CNN
+  (`CNNMNIST`: conv 10@5x5 - pool - conv 20@5x5 + Dropout2d - pool - fc 50 + dropout - fc 10;
+  flsec's `fl_defender_cnn`).
+* Defenses the paper does not evaluate run with their defaults: Bulyan f = 4, norm clipping
+  M = 0.5 (about the median honest update norm of the first rounds here, no noise), FLAME
+  lambda = 0.001, FLTrust with 100 root images taken out of the training split.
 * Aggregation as in the authors' code: FedAvg = plain mean of the models
   (`aggregation.sample_weighted = false`); median; trimmed mean with `int(0.2 x 20) = 4` values cut
   per side; Multi-Krum with f = 4 averaging `n - f - 2 = 14` updates (the authors' Krum ranks by the
@@ -312,6 +317,9 @@ def main() -> None:
         if {k: saved["settings"].get(k) for k in settings} != settings:
             print(f"{out.with_suffix('.json')} holds another setting; starting afresh", flush=True)
             saved = {"settings": {}, "results": {}}
+    for cells in saved["results"].values():  # cells saved before per-cell commits were recorded
+        for cell in cells.values():
+            cell.setdefault("commit", saved["settings"].get("commit", "unknown"))
     saved["settings"].update(settings)
     saved["settings"].update({
         "command": " ".join(["python", "benchmarks/reproduce_fl_defender.py", *sys.argv[1:]]),
@@ -334,6 +342,7 @@ def main() -> None:
         for future in as_completed(futures):
             key, rule = futures[future]
             cell = future.result()
+            cell["commit"] = saved["settings"]["commit"]
             saved["results"].setdefault(key, {})[rule] = cell
             print(f"{key:10s} {rule:20s} MA {cell['ma']:.4f} ASR {cell['asr']:.4f} "
                   f"(last round {cell['last_round']['ma']:.4f} / {cell['last_round']['asr']:.4f}) "
