@@ -49,7 +49,8 @@ class AggregatorParams:
     fltrust_server_steps: int | None = None
     num_clients: int | None = None
     output_layer: slice = field(default_factory=lambda: slice(0, None))
-    output_weights: slice = field(default_factory=lambda: slice(0, None))
+    #: The output layer's weight matrix alone (None: ``output_layer``).
+    output_weights: slice | None = None
 
 
 @dataclass(frozen=True)

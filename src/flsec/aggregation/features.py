@@ -44,5 +44,5 @@ def select_features(updates: torch.Tensor, params: AggregatorParams) -> torch.Te
     if kind == "output_layer":
         return updates[:, params.output_layer]
     if kind == "output_weights":
-        return updates[:, params.output_weights]
+        return updates[:, params.output_layer if params.output_weights is None else params.output_weights]
     raise ValueError(f"aggregation.similarity_features: unknown '{kind}'; allowed: {', '.join(FEATURES)}")

@@ -18,7 +18,7 @@ from flsec.errors import ConfigError
 from flsec.fl.client import BatchTransform, LocalSpec, TrainingHooks
 from flsec.fl.evaluate import backdoor_asr, label_flip_asr, main_accuracy
 from flsec.fl.params import derive_seed
-from flsec.models import InputSpec, build_model
+from flsec.models import InputSpec, build_model, check_fits
 
 #: Purpose key of the root-data draw (distinct from the per-round purposes of flsec.fl.rounds).
 ROOT_DATA = 5
@@ -58,6 +58,7 @@ class Federation:
                 raise ConfigError(f"attack.{field}: {label} is not a class of {data.name} (0..{data.num_classes - 1})")
         c, h, w = data.image_shape
         spec = InputSpec(c, h, w, data.num_classes, data.mean, data.std)
+        check_fits(config.model.name, spec, data.name)
         shards = make_partition(
             config.data.partition, data.y_train.numpy(), config.training.num_clients, config.seed,
             config.data.alpha, config.data.min_client_size,
