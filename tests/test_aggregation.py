@@ -170,3 +170,22 @@ def test_context_rules_train_reproducibly(tmp_path: Path, rule: str) -> None:
     b = train(cfg, tmp_path / "b", progress=False)
     assert a.history == b.history
     assert a.history[-1]["ma"] > 0.3  # learning (chance is 0.1)
+
+
+@pytest.mark.parametrize(("rule", "bad"), [
+    ("foolsgold", {"ids": torch.tensor([0, 0]), "histories": torch.zeros(2, 3, dtype=torch.float64)}),
+    ("foolsgold", {"ids": torch.tensor([0, 1], dtype=torch.int32), "histories": torch.zeros(2, 3)}),
+    ("fl_defender", {"ids": torch.tensor([0, 1]), "scores": torch.zeros(3)}),
+    ("fl_defender", {"ids": torch.tensor([-1]), "scores": torch.zeros(1)}),
+    ("fl_defender", {"ids": torch.tensor([0]), "scores": torch.zeros(1), "extra": torch.zeros(1)}),
+])
+def test_saved_state_from_a_run_directory_is_validated(rule: str, bad: dict[str, torch.Tensor]) -> None:
+    with pytest.raises(AggregationError, match=f"{rule}: saved aggregator state must be"):
+        build_aggregator(rule, AggregatorParams()).load_state_dict(bad)
+
+
+def test_foolsgold_state_of_another_model_is_refused() -> None:
+    rule = build_aggregator("foolsgold", AggregatorParams(similarity_features="all"))
+    rule.load_state_dict({"ids": torch.tensor([0, 1]), "histories": torch.zeros(2, 7, dtype=torch.float64)})
+    with pytest.raises(AggregationError, match="saved histories have \\[7\\] values"):
+        rule(torch.randn(2, 5))

@@ -25,6 +25,8 @@ def round_scores_reference(g: np.ndarray, components: int = 2) -> np.ndarray:
     u, s, _ = np.linalg.svd(centred, full_matrices=False)
     z = u[:, :components] * s[:components]
     centroid = np.median(z, axis=0)
+    if np.linalg.norm(centroid) <= 1e-9 * np.abs(z).max():  # the origin up to rounding: no direction
+        return np.zeros(len(g))
     return unit_rows(z) @ unit_rows(centroid[None])[0]
 
 

@@ -195,6 +195,20 @@ class Aggregator:
         del state
 
 
+def client_ids_state(state: dict[str, torch.Tensor], rule: str, values: str, ndim: int) -> tuple[list[int], torch.Tensor]:
+    """Validate a history-based rule's saved state (a run directory is untrusted input): distinct
+    non-negative int64 client ids and one finite float row (``ndim`` 1: a score, 2: a vector) per id."""
+    ids, vals = state.get("ids"), state.get(values)
+    ok = (ids is not None and vals is not None and ids.dtype == torch.int64 and ids.ndim == 1
+          and vals.is_floating_point() and vals.ndim == ndim and len(vals) == len(ids)
+          and bool((ids >= 0).all()) and len(set(ids.tolist())) == len(ids) and bool(torch.isfinite(vals).all()))
+    if not ok or set(state) != {"ids", values}:
+        raise AggregationError(f"{rule}: saved aggregator state must be 'ids' (distinct int64 >= 0) and '{values}' "
+                               f"(one finite float {'value' if ndim == 1 else 'row'} per id); got "
+                               f"{ {k: (str(v.dtype), tuple(v.shape)) for k, v in state.items()} }")
+    return [int(i) for i in ids.tolist()], vals.to(torch.float64)
+
+
 def config_error(field_name: str, message: str) -> ConfigError:
     """A one-line configuration error naming ``aggregation.<field_name>``."""
     return ConfigError(f"aggregation.{field_name}: {message}")

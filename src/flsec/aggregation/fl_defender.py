@@ -9,7 +9,8 @@ Per round, on the updates of the output layer's weights (``aggregation.similarit
    centred, as scikit-learn's ``StandardScaler``) and project it on its first
    ``fl_defender_components`` (default 2) principal components (PCA);
 3. centroid = coordinate-wise median of the projected rows (the mean of the two middle values when
-   k is even); round score s_i = cos(row_i, centroid), 0 for a zero row or centroid;
+   k is even); round score s_i = cos(row_i, centroid), 0 for a zero row, and 0 for everyone when
+   the centroid is the origin up to rounding (|centroid| <= 1e-9 max |z|: its direction is noise);
 4. accumulate h_i += s_i over rounds; with q1 the first quartile (linear interpolation) and the
    maximum taken over the histories of *all* peers of the federation (zeros for peers never
    selected): trust_i = max(h_i - q1, 0) / max_j(h_j - q1);
@@ -23,10 +24,13 @@ from __future__ import annotations
 
 import torch
 
-from flsec.aggregation.base import AggregationResult, Aggregator, normalise
+from flsec.aggregation.base import AggregationResult, Aggregator, client_ids_state, normalise
 from flsec.aggregation.features import select_features
 from flsec.aggregation.numerics import cosine_matrix, weighted_sum
 from flsec.aggregation.registry import AGGREGATORS
+
+#: Relative size below which the PCA-space centroid counts as the origin.
+NEGLIGIBLE = 1e-9
 
 
 def standardise(x: torch.Tensor) -> torch.Tensor:
@@ -50,6 +54,10 @@ def fl_defender_round_scores(last_layer: torch.Tensor, components: int = 2) -> t
     cs = cosine_matrix(last_layer) - torch.eye(k, dtype=torch.float64)
     z = pca_scores(standardise(cs), components)
     centroid = z.quantile(0.5, dim=0)
+    if not centroid.norm() > NEGLIGIBLE * z.abs().max():
+        # A centroid at the origin up to rounding (e.g. two equal camps): its direction is noise and
+        # the paper's cosine to it is undefined; every client scores 0 this round.
+        return torch.zeros(k, dtype=torch.float64)
     num = z @ centroid
     den = z.norm(dim=1) * centroid.norm()
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
@@ -102,6 +110,6 @@ class FLDefender(Aggregator):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.scores = {}
-        if "ids" in state:
-            for cid, s in zip(state["ids"].tolist(), state["scores"].tolist(), strict=True):
-                self.scores[int(cid)] = float(s)
+        if state:
+            ids, scores = client_ids_state(state, self.name, "scores", 1)
+            self.scores = dict(zip(ids, scores.tolist(), strict=True))

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from flsec.aggregation.base import AggregationResult, Aggregator, normalise
+from flsec.aggregation.base import AggregationError, AggregationResult, Aggregator, client_ids_state, normalise
 from flsec.aggregation.features import select_features
 from flsec.aggregation.numerics import cosine_matrix, weighted_sum
 from flsec.aggregation.registry import AGGREGATORS
@@ -69,6 +69,10 @@ class FoolsGold(Aggregator):
 
     def _aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[int]) -> AggregationResult:
         feats = select_features(updates, self.params).to(torch.float64)
+        widths = {h.numel() for h in self.histories.values()}
+        if widths and widths != {feats.shape[1]}:
+            raise AggregationError(f"foolsgold: saved histories have {sorted(widths)} values, this round's features "
+                                   f"{feats.shape[1]}; the state belongs to another model or similarity_features")
         for cid, u in zip(client_ids, feats, strict=True):
             self.histories[cid] = self.histories.get(cid, torch.zeros_like(u)) + u
         peers = sorted(set(self.histories) | set(range(self.params.num_clients or 0)))
@@ -91,6 +95,6 @@ class FoolsGold(Aggregator):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.histories = {}
-        if "ids" in state:
-            for cid, h in zip(state["ids"].tolist(), state["histories"], strict=True):
-                self.histories[int(cid)] = h.to(torch.float64).clone()
+        if state:
+            ids, rows = client_ids_state(state, self.name, "histories", 2)
+            self.histories = {cid: row.clone() for cid, row in zip(ids, rows, strict=True)}
