@@ -13,8 +13,9 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-#: Columns per block: k x BLOCK float64 temporaries (20 clients: 40 MiB).
-BLOCK = 1 << 18
+#: Columns per block: k x BLOCK float64 temporaries (20 clients: 10 MiB, cache-sized; 4x larger
+#: blocks were 7x slower on an 11M-parameter stack).
+BLOCK = 1 << 16
 
 
 def blocks(d: int, size: int = BLOCK) -> Iterator[slice]:
@@ -42,17 +43,14 @@ def row_norms(updates: torch.Tensor) -> torch.Tensor:
 
 
 def first_copies(updates: torch.Tensor) -> list[int]:
-    """For every row, the index of the first row identical to it (itself if none)."""
-    k, d = updates.shape
-    prints = torch.zeros(k, 3, dtype=torch.float64)
-    for s in blocks(d):
-        x = updates[:, s].to(torch.float64)
-        ramp = torch.arange(s.start, s.stop, dtype=torch.float64).remainder_(7919.0)
-        prints += torch.stack([x.sum(dim=1), (x * x).sum(dim=1), x @ ramp], dim=1)
+    """For every row, the index of the first row identical to it (itself if none): rows equal on a
+    sample of every 61st column are compared in full."""
+    k = updates.shape[0]
+    sample = updates[:, ::61]
     first = list(range(k))
     for i in range(k):
         for j in range(i):
-            if first[j] == j and torch.equal(prints[i], prints[j]) and torch.equal(updates[i], updates[j]):
+            if first[j] == j and torch.equal(sample[i], sample[j]) and torch.equal(updates[i], updates[j]):
                 first[i] = j
                 break
     return first
