@@ -29,7 +29,7 @@ def test_unknown_key_names_allowed_keys() -> None:
 
 def test_unknown_aggregator_lists_registered_rules() -> None:
     with pytest.raises(ConfigError) as exc:
-        load_config(None, ["aggregation.name=bulyan"])
+        load_config(None, ["aggregation.name=zeno"])
     msg = str(exc.value)
     assert "aggregation.name" in msg
     for rule in ("fedavg", "krum", "multi_krum", "trimmed_mean", "median", "foolsgold", "fl_defender"):

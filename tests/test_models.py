@@ -9,6 +9,7 @@ SPECS = {
     "digits_cnn": InputSpec(1, 8, 8, 10, (0.3,), (0.4,)),
     "mnist_cnn": InputSpec(1, 28, 28, 10, (0.13,), (0.31,)),
     "lenet": InputSpec(1, 28, 28, 10, (0.13,), (0.31,)),
+    "fl_defender_cnn": InputSpec(1, 28, 28, 10, (0.13,), (0.31,)),
     "cifar_convnet": InputSpec(3, 32, 32, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
     "resnet18": InputSpec(3, 32, 32, 10, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
 }

@@ -105,11 +105,26 @@ class AttackConfig(_Section):
 
 class AggregationConfig(_Section):
     name: str = "fedavg"
-    f: int | None = Field(None, ge=0, description="assumed number of attackers (default: attack.num_malicious)")
-    multi_krum_m: int | None = Field(None, ge=1, description="Multi-Krum: models averaged (default k - f)")
-    trim_beta: int | None = Field(None, ge=0, description="Trimmed mean: values cut per side (default f)")
-    foolsgold_kappa: float = Field(1.0, gt=0, description="FoolsGold logit confidence")
-    fl_defender_components: int = Field(2, ge=1, description="FL-Defender: PCA components")
+    f: int | None = Field(None, ge=0, strict=True, description="assumed number of attackers (default: attack.num_malicious)")
+    multi_krum_m: int | None = Field(None, ge=1, strict=True,
+                                     description="Multi-Krum: models averaged, 1..k (default k - f)")
+    trim_beta: int | None = Field(None, ge=0, strict=True, description="Trimmed mean: values cut per side (default f)")
+    sample_weighted: bool = Field(True, description="FedAvg: weight updates by sample count (false: plain mean)")
+    foolsgold_kappa: float = Field(1.0, gt=0, allow_inf_nan=False, description="FoolsGold logit confidence")
+    fl_defender_components: int = Field(2, ge=1, strict=True, description="FL-Defender: PCA components")
+    similarity_features: Literal["output_weights", "output_layer", "all"] = Field(
+        "output_weights", description="FoolsGold / FL-Defender: the part of each update they compare")
+    clip_norm: float = Field(1.0, gt=0, allow_inf_nan=False, description="norm_clip: bound M on each update's L2 norm")
+    clip_noise: float = Field(0.0, ge=0, allow_inf_nan=False,
+                              description="norm_clip: std of Gaussian noise on the mean (weak DP)")
+    flame_noise: float = Field(0.001, ge=0, allow_inf_nan=False,
+                               description="FLAME: noise level lambda (sigma = lambda * median norm)")
+    flame_distance: Literal["models", "updates"] = Field(
+        "models", description="FLAME: cluster cosine distances of local models (paper) or of updates")
+    root_size: int = Field(100, ge=1, strict=True,
+                           description="FLTrust: server root samples taken out of the training split")
+    fltrust_server_steps: int | None = Field(
+        None, ge=1, strict=True, description="FLTrust: local steps of the server's root update (default: clients' mean)")
 
     @field_validator("name")
     @classmethod

@@ -1,60 +1,82 @@
 """FL-Defender (Jebreel & Domingo-Ferrer 2023, "FL-Defender: Combating targeted attacks in
-federated learning", Knowledge-Based Systems 260, Algorithm 1).
+federated learning", Knowledge-Based Systems 260:110178, Algorithm 1; reference code
+najeebjebreel/FL-Defender, ``aggregation.py`` and ``environment_federated.py``).
 
-1. Take each client's output-layer gradients (here: its update restricted to the last layer).
-2. Pairwise cosine similarity of those -> a k x k matrix whose rows describe the clients.
-3. PCA of the rows (centred; top ``components`` directions) to remove noise; the rows are kept
-   in the original coordinates (projection onto the principal subspace), which makes the result
-   independent of the basis the SVD returns inside that subspace.
-4. Centroid = coordinate-wise median of the projected rows; round score = cos(row, centroid).
-5. Scores are accumulated per client over rounds; trust = (h - q1(h)) / (max(h) - q1(h)),
-   clipped to [0, 1], so clients below the first quartile of accumulated score get no weight.
-6. The new update is the trust-weighted mean of the updates.
+Per round, on the updates of the output layer's weights (``aggregation.similarity_features``):
+
+1. cs = cosine(U_out) - I (k x k; the identity removes each peer's similarity to itself);
+2. standardise each column of cs (zero mean, unit population variance; a constant column is only
+   centred, as scikit-learn's ``StandardScaler``) and project it on its first
+   ``fl_defender_components`` (default 2) principal components (PCA);
+3. centroid = coordinate-wise median of the projected rows (the mean of the two middle values when
+   k is even); round score s_i = cos(row_i, centroid), 0 for a zero row, and 0 for everyone when
+   the centroid is the origin up to rounding (|centroid| <= 1e-9 max |z|: its direction is noise);
+4. accumulate h_i += s_i over rounds; with q1 the first quartile (linear interpolation) and the
+   maximum taken over the histories of *all* peers of the federation (zeros for peers never
+   selected): trust_i = max(h_i - q1, 0) / max_j(h_j - q1);
+5. the update is the trust-weighted mean of the round's updates (weights trust / sum(trust)).
+
+If every history is equal (max_j(h_j - q1) = 0: nothing tells the peers apart yet), the reference
+divides by zero; flsec trusts every peer equally and says so in the round's notes.
 """
 
 from __future__ import annotations
 
 import torch
 
-from flsec.aggregation.base import AggregationResult, Aggregator, normalise
-from flsec.aggregation.foolsgold import cosine_matrix
+from flsec.aggregation.base import AggregationResult, Aggregator, client_ids_state, normalise
+from flsec.aggregation.features import select_features
+from flsec.aggregation.numerics import cosine_matrix, weighted_sum
 from flsec.aggregation.registry import AGGREGATORS
 
+#: Relative size below which the PCA-space centroid counts as the origin.
+NEGLIGIBLE = 1e-9
 
-def pca_project(x: torch.Tensor, components: int) -> torch.Tensor:
-    """Rows of ``x`` (centred) projected onto the span of its top principal directions, expressed
-    in the original coordinates: the result does not depend on the sign or rotation that the SVD
-    picks inside that span, so the median taken next is permutation-equivariant."""
+
+def standardise(x: torch.Tensor) -> torch.Tensor:
+    """Columns to zero mean and unit population variance; zero-variance columns are only centred."""
     centred = x - x.mean(dim=0, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    v = vh[: max(1, min(components, vh.shape[0]))]
-    return centred @ v.T @ v
+    std = centred.pow(2).mean(dim=0, keepdim=True).sqrt()
+    return centred / torch.where(std > 0, std, torch.ones_like(std))
+
+
+def pca_scores(x: torch.Tensor, components: int) -> torch.Tensor:
+    """Coordinates of the (centred) rows of ``x`` on its top principal components: U_c S_c."""
+    centred = x - x.mean(dim=0, keepdim=True)
+    u, s, _ = torch.linalg.svd(centred, full_matrices=False)
+    c = min(components, s.numel())
+    return u[:, :c] * s[:c]
 
 
 def fl_defender_round_scores(last_layer: torch.Tensor, components: int = 2) -> torch.Tensor:
-    """Steps 2-4: one round's score in [-1, 1] per client (higher = closer to the majority)."""
+    """Steps 1-3: one round's score in [-1, 1] per client (float64; higher = closer to the majority)."""
     k = last_layer.shape[0]
-    if k < 3:
-        return torch.ones(k)
-    z = pca_project(cosine_matrix(last_layer), components)
-    centroid = z.median(dim=0).values
+    cs = cosine_matrix(last_layer) - torch.eye(k, dtype=torch.float64)
+    z = pca_scores(standardise(cs), components)
+    centroid = z.quantile(0.5, dim=0)
+    if not centroid.norm() > NEGLIGIBLE * z.abs().max():
+        # A centroid at the origin up to rounding (e.g. two equal camps): its direction is noise and
+        # the paper's cosine to it is undefined; every client scores 0 this round.
+        return torch.zeros(k, dtype=torch.float64)
     num = z @ centroid
     den = z.norm(dim=1) * centroid.norm()
-    return torch.where(den > 1e-12, num / den.clamp_min(1e-12), torch.ones_like(num)).float()
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
 def trust_from_history(history: torch.Tensor) -> torch.Tensor:
-    """Step 5: quartile-normalised trust in [0, 1]."""
-    q1 = torch.quantile(history.double(), 0.25)
-    top = history.double().max()
-    if top - q1 <= 1e-12:
-        return torch.ones_like(history)
-    return ((history.double() - q1) / (top - q1)).clamp(0.0, 1.0).float()
+    """Step 4: trust in [0, 1] from the accumulated scores of all peers (float64); all ones if every
+    history is equal."""
+    h = history.to(torch.float64)
+    shifted = h - torch.quantile(h, 0.25)
+    top = shifted.max()
+    if not top > 0:
+        return torch.ones_like(h)
+    return (shifted / top).clamp_min(0.0)
 
 
 @AGGREGATORS.register("fl_defender")
 class FLDefender(Aggregator):
-    """Stateful: keeps each client's accumulated score."""
+    """Stateful: keeps each peer's accumulated score."""
 
     name = "fl_defender"
 
@@ -63,13 +85,22 @@ class FLDefender(Aggregator):
         self.scores: dict[int, float] = {}
 
     def _aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[int]) -> AggregationResult:
-        last = updates[:, self.params.output_layer]
-        round_scores = fl_defender_round_scores(last, self.params.fl_defender_components)
+        feats = select_features(updates, self.params)
+        round_scores = fl_defender_round_scores(feats, self.params.fl_defender_components)
         for cid, s in zip(client_ids, round_scores.tolist(), strict=True):
             self.scores[cid] = self.scores.get(cid, 0.0) + s
-        history = torch.tensor([self.scores[c] for c in client_ids])
-        w = normalise(trust_from_history(history))
-        return AggregationResult(w @ updates, w)
+        peers = sorted(set(self.scores) | set(range(self.params.num_clients or 0)))
+        history = torch.tensor([self.scores.get(p, 0.0) for p in peers], dtype=torch.float64)
+        trust_all = trust_from_history(history)
+        notes = []
+        if not (history - torch.quantile(history, 0.25)).max() > 0:
+            notes.append("fl_defender: every peer's accumulated score is equal; all trusted equally")
+        trust = trust_all[[peers.index(c) for c in client_ids]]
+        if not trust.sum() > 0:
+            notes.append("fl_defender: no client of this round is above the first quartile of trust; "
+                         "no update applied")
+        w = normalise(trust)
+        return AggregationResult(weighted_sum(w, updates), w, notes=notes)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         if not self.scores:
@@ -79,6 +110,6 @@ class FLDefender(Aggregator):
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         self.scores = {}
-        if "ids" in state:
-            for cid, s in zip(state["ids"].tolist(), state["scores"].tolist(), strict=True):
-                self.scores[int(cid)] = float(s)
+        if state:
+            ids, scores = client_ids_state(state, self.name, "scores", 1)
+            self.scores = dict(zip(ids, scores.tolist(), strict=True))

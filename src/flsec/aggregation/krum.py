@@ -1,54 +1,71 @@
-"""Krum and Multi-Krum (Blanchard et al. 2017, "Machine Learning with Adversaries", Sec. 4).
+"""Krum and Multi-Krum (Blanchard et al. 2017, "Machine Learning with Adversaries: Byzantine Tolerant
+Gradient Descent", NeurIPS, Sec. 4).
 
-score(i) = sum of squared distances from U_i to its k - f - 2 nearest other updates.
-Krum returns the update of least score; Multi-Krum averages the m updates of least score.
-Both assume k >= 2f + 3.
+score(i) = sum of the squared distances from U_i to its k - f - 2 nearest other updates.
+Krum returns the update of least score; Multi-Krum averages the m updates of least score
+(default m = k - f). Both assume k >= 2f + 3.
+
+Distances are computed in float64 without the cancellation of |a|^2 + |b|^2 - 2ab
+(:func:`~flsec.aggregation.numerics.pairwise_sq_distances`), and scores are ranked in float64.
+Equal scores are ordered by the rows' contents (lexicographically), then by position: the chosen
+update never depends on the order in which clients are listed.
 """
 
 from __future__ import annotations
 
-import numpy as np
+from functools import cmp_to_key
+
 import torch
 
-from flsec.aggregation.base import AggregationResult, Aggregator
+from flsec.aggregation.base import AggregationResult, Aggregator, config_error
+from flsec.aggregation.numerics import pairwise_sq_distances, weighted_sum
 from flsec.aggregation.registry import AGGREGATORS
 
 
-def pairwise_sq_distances(updates: torch.Tensor) -> torch.Tensor:
-    """k x k squared Euclidean distances, computed in float64 for stable ranking."""
-    u = updates.double()
-    sq = (u * u).sum(dim=1)
-    d = sq[:, None] + sq[None, :] - 2.0 * (u @ u.T)
-    d.fill_diagonal_(0.0)
-    return d.clamp_min(0.0)
+def krum_scores(dist: torch.Tensor, f: int) -> torch.Tensor:
+    """Krum score of every row of a k x k squared-distance matrix: the sum of its k - f - 2 smallest
+    distances to the others (fewer when k - f - 2 < 0 is clamped to 0, as in Bulyan's last steps)."""
+    k = dist.shape[0]
+    nearest = max(k - f - 2, 0)
+    others = dist.clone()
+    others.fill_diagonal_(float("inf"))
+    return torch.sort(others, dim=1).values[:, :nearest].sum(dim=1)
 
 
-def krum_scores(updates: torch.Tensor, f: int) -> torch.Tensor:
-    k = updates.shape[0]
-    nearest = k - f - 2
-    if nearest < 1:
-        raise ValueError(f"Krum needs k >= 2f + 3 (k={k}, f={f})")
-    d = pairwise_sq_distances(updates)
-    d.fill_diagonal_(float("inf"))
-    return torch.topk(d, nearest, dim=1, largest=False).values.sum(dim=1)
+def _compare_rows(a: torch.Tensor, b: torch.Tensor) -> int:
+    diff = torch.nonzero(a != b)
+    if len(diff) == 0:
+        return 0
+    i = int(diff[0])
+    return -1 if a[i] < b[i] else 1
 
 
-def krum_order(updates: torch.Tensor, f: int) -> torch.Tensor:
-    """Indices by increasing Krum score. Ties are broken by the update's content (its projection
-    on a fixed pseudo-random direction), never by its position, so the rule is permutation invariant."""
-    scores = krum_scores(updates, f).float().numpy()
-    direction = torch.randn(updates.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    tiebreak = (updates.double() @ direction).float().numpy()
-    return torch.from_numpy(np.lexsort((tiebreak, scores)).copy())
+def rank_by_score(updates: torch.Tensor, scores: torch.Tensor) -> list[int]:
+    """Row indices by increasing score; ties by row content, then position (a stable sort)."""
+    s = scores.tolist()
+
+    def cmp(i: int, j: int) -> int:
+        if s[i] != s[j]:
+            return -1 if s[i] < s[j] else 1
+        return _compare_rows(updates[i], updates[j])
+
+    return sorted(range(len(s)), key=cmp_to_key(cmp))
+
+
+def krum_order(updates: torch.Tensor, f: int) -> list[int]:
+    """Indices by increasing Krum score."""
+    return rank_by_score(updates, krum_scores(pairwise_sq_distances(updates), f))
 
 
 def multi_krum(updates: torch.Tensor, f: int, m: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Average of the ``m`` updates of least Krum score (m = 1 is Krum); returns (update, weights)."""
-    m = max(1, min(m, updates.shape[0]))
-    chosen = krum_order(updates, f)[:m]
-    weights = torch.zeros(updates.shape[0])
+    """Mean of the ``m`` updates of least Krum score (m = 1 is Krum); returns (update in float64, weights)."""
+    k = updates.shape[0]
+    if not 1 <= m <= k:
+        raise ValueError(f"multi_krum: m = {m} is not in 1..{k}")
+    chosen = torch.tensor(krum_order(updates, f)[:m])
+    weights = torch.zeros(k, dtype=torch.float64)
     weights[chosen] = 1.0 / m
-    return updates[chosen].mean(dim=0), weights
+    return weighted_sum(weights, updates), weights
 
 
 @AGGREGATORS.register("krum")
@@ -62,7 +79,13 @@ class Krum(Aggregator):
         return 1
 
     def _aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[int]) -> AggregationResult:
-        return AggregationResult(*multi_krum(updates, self.params.f, self._m(updates.shape[0])))
+        k = updates.shape[0]
+        m = self._m(k)
+        notes = []
+        if m > k:
+            notes.append(f"{self.name}: multi_krum_m = {m} but only {k} finite updates this round; averaged all {k}")
+            m = k
+        return AggregationResult(*multi_krum(updates, self.params.f, m), notes=notes)
 
 
 @AGGREGATORS.register("multi_krum")
@@ -71,3 +94,9 @@ class MultiKrum(Krum):
 
     def _m(self, k: int) -> int:
         return self.params.multi_krum_m or k - self.params.f
+
+    def validate(self, per_round: int) -> None:
+        m = self.params.multi_krum_m
+        if m is not None and m > per_round:
+            raise config_error("multi_krum_m", f"{m} exceeds the {per_round} updates per round; allowed: 1..{per_round}")
+        super().validate(per_round)

@@ -1,4 +1,5 @@
-"""Coordinate-wise median (Yin et al. 2018, Def. 1); the mean of the two middle values when k is even."""
+"""Coordinate-wise median (Yin et al. 2018, "Byzantine-Robust Distributed Learning", ICML,
+Definition 1); the mean of the two middle values when k is even (computed in float64)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,12 @@ import torch
 
 from flsec.aggregation.base import AggregationResult, Aggregator
 from flsec.aggregation.registry import AGGREGATORS
-from flsec.aggregation.trimmed_mean import kept_share
+from flsec.aggregation.trimmed_mean import sorted_window_mean
 
 
 def coordinate_median(updates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     k = updates.shape[0]
-    values, order = torch.sort(updates, dim=0, stable=True)
-    lo, hi = (k - 1) // 2, k // 2 + 1
-    return values[lo:hi].mean(dim=0), kept_share(order, lo, hi, k)
+    return sorted_window_mean(updates, (k - 1) // 2, k // 2 + 1)
 
 
 @AGGREGATORS.register("median")

@@ -1,29 +1,37 @@
-"""Coordinate-wise trimmed mean (Yin et al. 2018, "Byzantine-Robust Distributed Learning", Def. 2).
+"""Coordinate-wise trimmed mean (Yin et al. 2018, "Byzantine-Robust Distributed Learning: Towards
+Optimal Statistical Rates", ICML, Definition 2).
 
-For each coordinate, drop the beta largest and beta smallest values and average the rest.
-Requires k > 2 beta.
+For each coordinate, drop the beta largest and beta smallest values and average the k - 2 beta
+others (in float64, so the mean of float32 values near 3e38 does not overflow). Requires k > 2 beta.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from flsec.aggregation.base import AggregationResult, Aggregator, normalise
+from flsec.aggregation.numerics import sorted_blocks
 from flsec.aggregation.registry import AGGREGATORS
 
 
-def kept_share(order: torch.Tensor, lo: int, hi: int, k: int) -> torch.Tensor:
-    """Share of coordinates in which each row lies in sorted positions [lo, hi)."""
-    counts = torch.bincount(order[lo:hi].flatten(), minlength=k).double()
-    return normalise(counts)
+def sorted_window_mean(updates: torch.Tensor, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per coordinate, the float64 mean of the sorted values at positions [lo, hi), and each row's
+    share of the kept (coordinate, value) pairs."""
+    k, d = updates.shape
+    out = torch.empty(d, dtype=torch.float64)
+    counts = np.zeros(k, dtype=np.int64)
+    for s, values, order in sorted_blocks(updates):
+        out[s] = torch.from_numpy(values[:, lo:hi].astype(np.float64).mean(axis=1))
+        counts += np.bincount(order[:, lo:hi].ravel(), minlength=k)
+    return out, normalise(torch.from_numpy(counts).to(torch.float64))
 
 
 def trimmed_mean(updates: torch.Tensor, beta: int) -> tuple[torch.Tensor, torch.Tensor]:
     k = updates.shape[0]
     if k <= 2 * beta:
         raise ValueError(f"trimmed mean needs k > 2 beta (k={k}, beta={beta})")
-    values, order = torch.sort(updates, dim=0, stable=True)
-    return values[beta : k - beta].mean(dim=0), kept_share(order, beta, k - beta, k)
+    return sorted_window_mean(updates, beta, k - beta)
 
 
 @AGGREGATORS.register("trimmed_mean")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
 
+from flsec.aggregation import uses_root_data
 from flsec.attacks.backdoor import Trigger, make_trigger, poison_batch
 from flsec.attacks.label_flip import flip_labels
 from flsec.config import ExperimentConfig
@@ -17,8 +18,24 @@ from flsec.data import ImageDataset, load_dataset, make_partition
 from flsec.errors import ConfigError
 from flsec.fl.client import BatchTransform, LocalSpec, TrainingHooks
 from flsec.fl.evaluate import TestSets, backdoor_attack_set, evaluate
+from flsec.fl.params import derive_seed
 from flsec.models import InputSpec, build_model, check_fits
 from flsec.runtime import Runtime, Stopwatch
+
+#: Purpose key of the root-data draw (distinct from the per-round purposes of flsec.fl.rounds).
+ROOT_DATA = 5
+
+
+def take_root_data(data: ImageDataset, size: int, seed: int) -> tuple[ImageDataset, tuple[torch.Tensor, torch.Tensor]]:
+    """A seeded uniform draw of ``size`` training samples for the server (FLTrust's root dataset),
+    removed from the training split the clients are partitioned from."""
+    n = len(data.y_train)
+    if size >= n:
+        raise ConfigError(f"aggregation.root_size: {size} leaves no training data (the split has {n} samples)")
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, ROOT_DATA)))
+    root, rest = order[:size].sort().values, order[size:].sort().values
+    return (replace(data, x_train=data.x_train[rest], y_train=data.y_train[rest]),
+            (data.x_train[root], data.y_train[root]))
 
 
 @dataclass
@@ -29,6 +46,7 @@ class Federation:
     shards: list[np.ndarray]
     trigger: Trigger
     malicious: frozenset[int]
+    root: tuple[torch.Tensor, torch.Tensor] | None = None
     runtime: Runtime = dataclasses.field(default_factory=Runtime)
     stopwatch: Stopwatch = dataclasses.field(default_factory=Stopwatch, repr=False, compare=False)
     _test_sets: dict[torch.device, TestSets] = dataclasses.field(default_factory=dict, repr=False, compare=False)
@@ -37,6 +55,9 @@ class Federation:
     def from_config(cls, config: ExperimentConfig) -> Federation:
         data = load_dataset(config.data.name, config.data.data_dir, config.data.download)
         data = data.subset(config.data.train_size, config.data.test_size, config.seed)
+        root = None
+        if uses_root_data(config.aggregation.name):
+            data, root = take_root_data(data, config.aggregation.root_size, config.seed)
         for field, label in (("target_label", config.attack.target_label), ("source_label", config.attack.source_label)):
             if label >= data.num_classes:
                 raise ConfigError(f"attack.{field}: {label} is not a class of {data.name} (0..{data.num_classes - 1})")
@@ -48,7 +69,7 @@ class Federation:
             config.data.alpha, config.data.min_client_size,
         )
         trigger = make_trigger(config.attack.trigger, h, w)
-        return cls(config, data, spec, shards, trigger, frozenset(config.malicious_ids),
+        return cls(config, data, spec, shards, trigger, frozenset(config.malicious_ids), root,
                    Runtime.from_config(config.runtime))
 
     def new_model(self) -> nn.Module:

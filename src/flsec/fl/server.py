@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from flsec.aggregation import AggregatorParams, build_aggregator
+from flsec.aggregation import AggregationContext, build_aggregator, params_from_config
 from flsec.config import ExperimentConfig
 from flsec.errors import CheckpointError, FlsecError
 from flsec.faults import fault_point
@@ -34,12 +34,12 @@ from flsec.fl.checkpoint import (
     refresh_alias,
     remove_leftovers,
 )
+from flsec.fl.client import local_train_on
 from flsec.fl.engines import CLIENT_ENGINES
 from flsec.fl.federation import Federation
-from flsec.fl.params import derive_seed, get_flat, set_flat
-from flsec.fl.rounds import SELECT, ClientReply, ClientTask
+from flsec.fl.params import derive_seed, generator, get_flat, set_flat
+from flsec.fl.rounds import AGGREGATE, SELECT, ClientReply, ClientTask
 from flsec.lock import locked_dir
-from flsec.models import output_layer_slice
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
 
@@ -85,14 +85,8 @@ class Server:
         self.fed = federation or Federation.from_config(config)
         self.model = self.fed.new_model()
         self.per_round = config.clients_per_round
-        a = config.aggregation
-        params = AggregatorParams(
-            f=config.assumed_attackers, multi_krum_m=a.multi_krum_m, trim_beta=a.trim_beta,
-            foolsgold_kappa=a.foolsgold_kappa, fl_defender_components=a.fl_defender_components,
-            output_layer=output_layer_slice(self.model),
-        )
-        self.aggregator = build_aggregator(a.name, params)
-        self.aggregator.check(self.per_round)
+        self.aggregator = build_aggregator(config.aggregation.name, params_from_config(config, self.model))
+        self.aggregator.validate(self.per_round)
         self.writer = RunWriter(self.out, config)
         self.history: list[dict[str, Any]] = []
         self.start_round = 1
@@ -196,8 +190,12 @@ class Server:
                                         f"training diverged; lower training.lr (now {self.config.training.lr}). Rounds "
                                         f"up to {r - 1} are saved")
         dev = self.aggregation_device
+        ctx = self._context(r, global_flat, [rep.steps for rep in replies])
+        ctx = dataclasses.replace(
+            ctx, global_weights=ctx.global_weights.to(dev),
+            server_update=None if ctx.server_update is None else ctx.server_update.to(dev))
         with torch.device(dev):
-            result = self.aggregator(stack.to(dev), torch.tensor([rep.num_samples for rep in replies]), selected)
+            result = self.aggregator(stack.to(dev), torch.tensor([rep.num_samples for rep in replies]), selected, ctx)
         new_global = global_flat + self.config.training.server_lr * result.update.to(global_flat.device)
         if not bool(torch.isfinite(new_global).all()):
             raise TrainingDivergedError(f"round {r}: the aggregated model ({self.config.aggregation.name}) holds NaN or "
@@ -215,6 +213,8 @@ class Server:
             "attackers": [c for c in selected if self.fed.attacking(c, r)],
             "weights": [round(float(w), 6) for w in result.weights],
             "update_norms": [round(float(u.norm()), 6) for u in updates],
+            "rejected": {str(c): why for c, why in sorted(result.rejected.items())},
+            "notes": result.notes,
         }
         if record["asr"] is None:
             record["asr_status"] = "undefined: no test image to measure it on (see the ASR definition)"
@@ -232,6 +232,22 @@ class Server:
         self.timings.append(timing)
         self._round = None
         return record
+
+    def _context(self, r: int, global_flat: torch.Tensor, client_steps: list[int]) -> AggregationContext:
+        """What the aggregator may use besides the updates: a seeded generator, the global weights
+        and, for rules that need one, the server's own update on its root data (same local
+        optimiser as the clients, ``aggregator.server_steps`` steps of random root batches)."""
+        server_update = None
+        if "server_update" in self.aggregator.needs and self.fed.root is not None:
+            x, y = self.fed.root
+            g = generator(self.config.seed, r, AGGREGATE, 1)
+            spec = self.fed.local_spec
+            batches = [(x[i], y[i]) for i in (torch.randperm(len(y), generator=g)[: spec.batch_size]
+                                              for _ in range(self.aggregator.server_steps(client_steps)))]
+            model = self.fed.new_model()
+            set_flat(model, global_flat)
+            server_update = local_train_on(model, batches, spec).update
+        return AggregationContext(r, generator(self.config.seed, r, AGGREGATE), global_flat, server_update)
 
     def checkpoint(self) -> Checkpoint:
         return self.finished or load_checkpoint(self.out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flsec.models.registry import MODELS, InputSpec, Normalize
@@ -90,7 +91,32 @@ class CifarConvNet(nn.Module):
         return self.net(x)
 
 
+class FLDefenderCNN(nn.Module):
+    """The MNIST CNN of FL-Defender's experiments (Jebreel & Domingo-Ferrer 2023; the authors'
+    ``models.py``, CNNMNIST, the PyTorch MNIST example network): conv 10@5x5 - pool - conv 20@5x5 +
+    Dropout2d - pool - fc 50 + dropout - fc. The original returns log-softmax and trains with
+    cross-entropy on it, which equals cross-entropy on the logits (log-softmax is idempotent), so
+    logits are returned. Dropout draws from torch's global generator."""
+
+    def __init__(self, spec: InputSpec) -> None:
+        super().__init__()
+        self.norm = Normalize(spec.mean, spec.std)
+        self.conv1 = nn.Conv2d(spec.channels, 10, kernel_size=5)
+        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+        self.conv2_drop = nn.Dropout2d()
+        flat = 20 * (((spec.height - 4) // 2 - 4) // 2) * (((spec.width - 4) // 2 - 4) // 2)
+        self.fc1 = nn.Linear(flat, 50)
+        self.fc2 = nn.Linear(50, spec.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(F.max_pool2d(self.conv1(self.norm(x)), 2))
+        x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
+        x = F.relu(self.fc1(x.flatten(1)))
+        return self.fc2(F.dropout(x, training=self.training))
+
+
 MODELS.register("digits_cnn")(DigitsCNN)
 MODELS.register("mnist_cnn")(MnistCNN)
 MODELS.register("lenet")(LeNet5)
 MODELS.register("cifar_convnet")(CifarConvNet)
+MODELS.register("fl_defender_cnn")(FLDefenderCNN)
