@@ -20,8 +20,10 @@ import torch
 from tqdm.auto import tqdm
 
 from flsec.aggregation import AggregatorParams, build_aggregator
+from flsec.attacks.base import KNOWLEDGE, PREVIOUS_GLOBAL_UPDATE
+from flsec.attacks.durability import durability, rounds_since_attack
 from flsec.config import ExperimentConfig
-from flsec.errors import CheckpointError
+from flsec.errors import CheckpointError, ConfigError
 from flsec.fl.checkpoint import Checkpoint, RunWriter, load_checkpoint
 from flsec.fl.engines import CLIENT_ENGINES
 from flsec.fl.federation import Federation
@@ -30,6 +32,9 @@ from flsec.fl.rounds import SELECT, ClientReply, ClientTask
 from flsec.models import output_layer_slice
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
+
+# The server's own resume state travels in the state file next to the aggregator's, under this prefix.
+SERVER_STATE = "server."
 
 
 def training_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -84,6 +89,11 @@ class Server:
         self.cap_rounds, self.cap_clients = capture_plan(config)
         self.timings: list[dict[str, float]] = []
         self._round: tuple[int, list[int], torch.Tensor, float] | None = None
+        unknown = self.fed.attack.needs - KNOWLEDGE
+        if unknown:
+            raise ConfigError(f"attack.kind: '{config.attack.kind}' needs {sorted(unknown)}, which the server does "
+                                  f"not provide; it provides: {', '.join(sorted(KNOWLEDGE))}")
+        self.previous_update: torch.Tensor | None = None  # the last global update (G_r - G_{r-1})
         self._open(resume)
 
     def _open(self, resume: bool) -> None:
@@ -101,8 +111,9 @@ class Server:
                 return
             state = ckpt.state()
             self.model.load_state_dict({k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")})
-            self.aggregator.load_state_dict(
-                {k[len("aggregator/"):]: v for k, v in state.items() if k.startswith("aggregator/")})
+            saved = {k[len("aggregator/"):]: v for k, v in state.items() if k.startswith("aggregator/")}
+            self.aggregator.load_state_dict({k: v for k, v in saved.items() if not k.startswith(SERVER_STATE)})
+            self.previous_update = saved.get(SERVER_STATE + PREVIOUS_GLOBAL_UPDATE)
             self.history = ckpt.history[: ckpt.round]
             self.writer.files = dict(ckpt.meta["files"])
             self.writer.captures = list(ckpt.meta.get("captures", []))
@@ -123,8 +134,23 @@ class Server:
             self.writer.write_round_model(r, self.model)
         global_flat = get_flat(self.model)
         self._round = (r, selected, global_flat, time.perf_counter())
+        knowledge = self.attacker_knowledge()
         return [ClientTask(c, r, global_flat, len(selected), attackers,
-                           capture=r in self.cap_rounds and c in self.cap_clients) for c in selected]
+                           capture=r in self.cap_rounds and c in self.cap_clients,
+                           knowledge=knowledge if self.fed.attacking(c, r) else {}) for c in selected]
+
+    def attacker_knowledge(self) -> dict[str, torch.Tensor]:
+        """The server-side quantities the attack asked for (``Attack.needs``) that exist by now."""
+        out: dict[str, torch.Tensor] = {}
+        if PREVIOUS_GLOBAL_UPDATE in self.fed.attack.needs and self.previous_update is not None:
+            out[PREVIOUS_GLOBAL_UPDATE] = self.previous_update
+        return out
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        state = dict(self.aggregator.state_dict())
+        if PREVIOUS_GLOBAL_UPDATE in self.fed.attack.needs and self.previous_update is not None:
+            state[SERVER_STATE + PREVIOUS_GLOBAL_UPDATE] = self.previous_update
+        return state
 
     def finish_round(self, r: int, replies: Sequence[ClientReply]) -> dict[str, Any]:
         """Store captures, aggregate the replies (in client-id order), evaluate and commit round ``r``."""
@@ -141,7 +167,9 @@ class Server:
         updates = [rep.update for rep in replies]
         t_agg = time.perf_counter()
         result = self.aggregator(torch.stack(updates), torch.tensor([rep.num_samples for rep in replies]), selected)
-        set_flat(self.model, global_flat + self.config.training.server_lr * result.update)
+        new_global = global_flat + self.config.training.server_lr * result.update
+        set_flat(self.model, new_global)
+        self.previous_update = new_global - global_flat
         t_eval = time.perf_counter()
         metrics = self.fed.evaluate(self.model)
         record = {
@@ -154,11 +182,14 @@ class Server:
             "weights": [round(float(w), 6) for w in result.weights],
             "update_norms": [round(float(u.norm()), 6) for u in updates],
         }
+        record.update({k: _rounded(v) for k, v in metrics.items() if k not in record})
+        record["rounds_since_attack"] = rounds_since_attack([*self.history, record])
         self.history.append(record)
         t_commit = time.perf_counter()
         timing = {"clients": t_clients - t_begin, "aggregation": t_eval - t_agg, "evaluation": t_commit - t_eval}
-        self.writer.commit_round(r, self.model, self.aggregator.state_dict(), self.history,
+        self.writer.commit_round(r, self.model, self._state(), self.history,
                                  {"malicious_ids": sorted(self.fed.malicious),
+                                  "durability": durability(self.history),
                                   "seconds_per_round": [sum(t.values()) for t in [*self.timings, timing]],
                                   "input_spec": dataclasses.asdict(self.fed.spec)},
                                  complete=r == self.config.training.rounds)
@@ -169,6 +200,13 @@ class Server:
 
     def checkpoint(self) -> Checkpoint:
         return self.finished or load_checkpoint(self.out)
+
+
+def _rounded(value: Any) -> Any:
+    """A metric for history.jsonl: floats to 6 decimals, lists element-wise."""
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return round(float(value), 6) if isinstance(value, float) else value
 
 
 def train(
