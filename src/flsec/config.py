@@ -77,7 +77,7 @@ class TriggerConfig(_Section):
 class ConstrainScaleConfig(_Section):
     """Constrain-and-scale model replacement (Bagdasaryan et al. 2020, Sec. 4)."""
 
-    alpha: float = Field(0.7, ge=0, le=1,
+    alpha: float = Field(0.9, ge=0, le=1,
                          description="weight of the task loss; 1 - alpha weighs the distance to the global model")
     norm_bound: float | None = Field(None, gt=0, description="bounded scaling: gamma = min(gamma, S / ||X - G||)")
 

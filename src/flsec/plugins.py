@@ -21,9 +21,9 @@ def registry_for(kind: str) -> Registry[Any]:
 
         return AGGREGATORS
     if kind == "attack":
-        from flsec.attacks.registry import ATTACKS
+        from flsec.attacks.registry import load_builtin
 
-        return ATTACKS
+        return load_builtin()
     if kind == "inversion method":
         from flsec.inversion import METHODS
 

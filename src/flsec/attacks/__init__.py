@@ -19,6 +19,9 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         import importlib
 
+        from flsec.attacks.registry import load_builtin
+
+        load_builtin()
         return getattr(importlib.import_module(f"flsec.attacks.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'flsec.attacks' has no attribute '{name}'")
 

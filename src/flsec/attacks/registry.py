@@ -2,22 +2,23 @@
 
 from __future__ import annotations
 
+import importlib
+
 from flsec.attacks.base import Attack, AttackSetting
 from flsec.registry import Registry
 
 ATTACKS: Registry[type[Attack]] = Registry("attack")
 ATTACKS.register("none")(Attack)
 
+BUILTIN = ("data_poisoning", "constrain_scale", "pgd", "neurotoxin", "dba", "sybil", "edge_case")
+
+
+def load_builtin() -> Registry[type[Attack]]:
+    """The registry with the built-in attacks registered (each module registers itself on import)."""
+    for module in BUILTIN:
+        importlib.import_module(f"flsec.attacks.{module}")
+    return ATTACKS
+
 
 def build_attack(setting: AttackSetting) -> Attack:
-    return ATTACKS.get(setting.config.attack.kind)(setting)
-
-
-# Built-in attacks register themselves on import.
-from flsec.attacks import data_poisoning as _data_poisoning  # noqa: E402, F401  isort: skip
-from flsec.attacks import constrain_scale as _constrain_scale  # noqa: E402, F401  isort: skip
-from flsec.attacks import pgd as _pgd  # noqa: E402, F401  isort: skip
-from flsec.attacks import neurotoxin as _neurotoxin  # noqa: E402, F401  isort: skip
-from flsec.attacks import dba as _dba  # noqa: E402, F401  isort: skip
-from flsec.attacks import sybil as _sybil  # noqa: E402, F401  isort: skip
-from flsec.attacks import edge_case as _edge_case  # noqa: E402, F401  isort: skip
+    return load_builtin().get(setting.config.attack.kind)(setting)
