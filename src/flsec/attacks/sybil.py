@@ -2,10 +2,11 @@
 Learning in Sybil Settings", Sec. 3 and the label-flipping attacks of Sec. 5).
 
 One adversary controls many clients (sybils) that share a single poisoning objective: every sybil
-trains on the same poisoned data set, the ``source_label`` images of all the sybils' shards
-relabelled ``target_label``, so their updates point the same way. That similarity is what FoolsGold
-detects; it is also what makes sybils effective against averaging. ASR is the share of
-``source_label`` test images classified as ``target_label``.
+trains on the same poisoned data set, every ``source_label`` image of the training set relabelled
+``target_label`` (as the authors' code builds its ``<data>_bad_<from>_<to>`` sets), so their updates
+point the same way. That similarity is what FoolsGold detects; it is also what makes sybils effective
+against averaging. The honest clients keep their own shards. ASR is the share of ``source_label`` test
+images classified as ``target_label``.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from flsec.errors import ConfigError
 from flsec.fl.evaluate import label_flip_asr, main_accuracy
 
 
-def shared_poison_indices(shards: list[np.ndarray], labels: np.ndarray, sybils: tuple[int, ...], source: int) -> np.ndarray:
-    """Training indices of the sybils' common data: every ``source`` image of any sybil's shard (sorted)."""
-    pooled = np.concatenate([shards[c] for c in sybils]) if sybils else np.empty(0, dtype=np.int64)
-    return np.sort(pooled[labels[pooled] == source])
+def shared_poison_indices(labels: np.ndarray, source: int) -> np.ndarray:
+    """Training indices of the sybils' common data: every ``source`` image of the training set."""
+    return np.flatnonzero(labels == source)
 
 
 @ATTACKS.register("sybil_label_flip")
@@ -35,10 +35,9 @@ class SybilLabelFlip(Attack):
     def __init__(self, setting: AttackSetting) -> None:
         super().__init__(setting)
         a = self.config.attack
-        self.poison_idx = shared_poison_indices(setting.shards, setting.data.y_train.numpy(), self.malicious, a.source_label)
-        if self.malicious and len(self.poison_idx) == 0:
-            raise ConfigError(f"attack.source_label: the sybils' shards hold no image of class {a.source_label}; "
-                              "choose another source_label or more sybils")
+        self.poison_idx = shared_poison_indices(setting.data.y_train.numpy(), a.source_label)
+        if len(self.poison_idx) == 0:
+            raise ConfigError(f"attack.source_label: the training data holds no image of class {a.source_label}")
 
     def client_data(self, client: int, attacking: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if not attacking:

@@ -131,29 +131,29 @@ def heatmap_layout(axes: Sequence[Axis]) -> tuple[list[str], list[str], list[tup
     return rows, cols, combos
 
 
-def heatmap_png(result: SweepResult, stats: list[dict[str, Any]], metric: str) -> bytes:
+def heatmap_png(axes: Sequence[Axis], values: dict[tuple[str, ...], float], label: str, cmap: str = "Reds") -> bytes:
+    """A heatmap of one value in [0, 1] per cell (keyed by the cell's labels), shown in %."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows, cols, combos = heatmap_layout(result.axes)
+    rows, cols, combos = heatmap_layout(axes)
     grid = np.full((len(rows), len(cols)), np.nan)
-    for s in stats:
-        labels = s["cell"].labels
-        grid[rows.index(labels[0]), combos.index(tuple(labels[1:]))] = s[metric][0]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(cols) + 2.5), max(2.0, 0.45 * len(rows) + 1.5)))
-    im = ax.imshow(100 * grid, cmap="Reds" if metric == "asr" else "Blues", vmin=0, vmax=100, aspect="auto")
+    for labels, value in values.items():
+        grid[rows.index(labels[0]), combos.index(tuple(labels[1:]))] = value
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.55 * len(cols) + 3.0), max(2.0, 0.42 * len(rows) + 1.8)))
+    im = ax.imshow(100 * grid, cmap=cmap, vmin=0, vmax=100, aspect="auto")
     ax.set_yticks(range(len(rows)), rows)
     ax.set_xticks(range(len(cols)), cols, rotation=45, ha="right")
-    ax.set_ylabel(result.axes[0].key)
-    if len(result.axes) > 1:
-        ax.set_xlabel(" / ".join(a.key for a in result.axes[1:]))
+    ax.set_ylabel(axes[0].key)
+    if len(axes) > 1:
+        ax.set_xlabel(" / ".join(a.key for a in axes[1:]))
     for i, j in itertools.product(range(len(rows)), range(len(cols))):
         if not np.isnan(grid[i, j]):
-            ax.text(j, i, f"{100 * grid[i, j]:.0f}", ha="center", va="center", fontsize=8,
+            ax.text(j, i, f"{100 * grid[i, j]:.0f}", ha="center", va="center", fontsize=7,
                     color="white" if grid[i, j] > 0.6 else "black")
-    fig.colorbar(im, ax=ax, label=f"{metric.upper()} %, mean")
+    fig.colorbar(im, ax=ax, label=label)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -206,6 +206,7 @@ def write_outputs(result: SweepResult) -> None:
     stats = cell_stats(result.cells, rows)
     write_text(out / "results.csv", csv_text(rows, result.axes))
     write_text(out / "summary.md", summary_markdown(result, stats))
-    for metric in ("asr", "ma"):
-        write_bytes(out / f"heatmap_{metric}.png", heatmap_png(result, stats, metric))
+    for metric, cmap in (("asr", "Reds"), ("ma", "Blues")):
+        values = {st["cell"].labels: st[metric][0] for st in stats if st["runs"]}
+        write_bytes(out / f"heatmap_{metric}.png", heatmap_png(result.axes, values, f"final {metric.upper()} %", cmap))
     write_text(out / "index.html", index_html(result, stats, rows, result.name))

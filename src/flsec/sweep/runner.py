@@ -153,7 +153,7 @@ def run_sweep(base: dict[str, Any], grid: SweepGrid, seeds: list[int], out: Path
         raise FlsecError("--seeds: must be >= 1")
     axes, cells = expand(base, grid, seeds)
     out = Path(out)
-    runs = [Run(cell, s, run_dir(out, cell, s)) for cell in cells for s in seeds]
+    runs = [Run(cell, s, run_dir(out, cell, s)) for s in seeds for cell in cells]  # whole seeds first
     write_json(out / "sweep.json", {
         "format": "flsec-sweep/1", "base": base, "grid": grid.model_dump(mode="json"), "seeds": seeds,
         "cells": [{"id": c.id, "labels": list(c.labels), "overrides": [list(kv) for kv in c.overrides]} for c in cells],
