@@ -1,52 +1,73 @@
-"""One self-contained HTML file for a ``flsec run`` directory."""
+"""One self-contained HTML file for a ``flsec run`` directory, rendered by a Jinja2 template.
+
+Everything the page shows comes from files of the run directory, which may have been made by
+someone else: the template autoescapes every value (no field of a ``metrics.json`` can inject
+markup or script), figures are embedded as base64 PNGs, and a missing or malformed metrics file
+gives one line naming the file instead of a traceback.
+"""
 
 from __future__ import annotations
 
 import base64
-import html
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from flsec.attacks.backdoor import make_trigger
-from flsec.fl.checkpoint import load_checkpoint, read_tensors
+from flsec.errors import FlsecError
+from flsec.fl.checkpoint import Checkpoint, load_checkpoint, read_tensors
 from flsec.inversion.attack import Target, part_path
 from flsec.io import write_text
 from flsec.report import plots
 
-_CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:980px;margin:2em auto;padding:0 1em;
-color:#222}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
-table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:right}
-th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}img{max-width:100%}
-.note{color:#555;font-size:.9em}.ok{color:#2a7d2a}.bad{color:#b22}"""
+_ENV = Environment(loader=PackageLoader("flsec", "report/templates"), autoescape=select_autoescape(default=True),
+                   undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+class ReportError(FlsecError):
+    """A phase's output in the run directory is missing fields or malformed."""
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+def _figure(png: bytes, alt: str) -> dict[str, str]:
+    return {"png": base64.b64encode(png).decode("ascii"), "alt": alt}
 
 
-def _pct(x: float | None) -> str:
-    return "n/a" if x is None or x != x else f"{100 * x:.2f}%"
+def _pct(x: Any) -> str:
+    return "n/a" if not isinstance(x, int | float) or isinstance(x, bool) or not math.isfinite(x) else f"{100 * x:.2f}%"
 
 
-def write_report(run_dir: Path) -> Path:
-    """Build ``run_dir/report.html`` from the train/, invert/ and unlearn/ phase folders."""
-    run_dir = Path(run_dir)
-    ckpt = load_checkpoint(run_dir / "train")
-    cfg = ckpt.config
-    parts = [f"<h1>flsec run: {html.escape(cfg.name)}</h1>"]
-    last = ckpt.history[-1]
-    parts.append("<h2>Setting</h2>" + _table(["", "value"], [
-        ["dataset", f"{cfg.data.name} ({cfg.data.partition}"
-                    f"{', alpha ' + str(cfg.data.alpha) if cfg.data.partition == 'dirichlet' else ''})"],
+def _num(x: Any, fmt: str, unit: str = "") -> str:
+    return "n/a" if not isinstance(x, int | float) or isinstance(x, bool) or not math.isfinite(x) else f"{x:{fmt}}{unit}"
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: expected a JSON object")
+    return data
+
+
+def _get(data: dict[str, Any], key: str, path: Path, kind: type | tuple[type, ...] = object) -> Any:
+    if key not in data:
+        raise ReportError(f"{path}: missing field '{key}'")
+    value = data[key]
+    if not isinstance(value, kind):
+        raise ReportError(f"{path}: field '{key}' has the wrong type ({type(value).__name__})")
+    return value
+
+
+def _setting(ckpt: Checkpoint) -> list[list[Any]]:
+    cfg, last = ckpt.config, ckpt.history[-1]
+    alpha = f", alpha {cfg.data.alpha}" if cfg.data.partition == "dirichlet" else ""
+    return [
+        ["dataset", f"{cfg.data.name} ({cfg.data.partition}{alpha})"],
         ["model", cfg.model.name],
         ["clients / per round / rounds", f"{cfg.training.num_clients} / {cfg.clients_per_round} / {cfg.training.rounds}"],
         ["attack", f"{cfg.attack.kind}, attackers {ckpt.meta.get('malicious_ids')}, target {cfg.attack.target_label}"
@@ -54,85 +75,112 @@ def write_report(run_dir: Path) -> Path:
         ["defense (aggregation rule)", f"{cfg.aggregation.name} (f = {cfg.assumed_attackers})"],
         ["final MA / ASR", f"{_pct(last['ma'])} / {_pct(last['asr'])}"],
         ["seed", cfg.seed],
-    ]))
-    parts.append("<h2>Phase 1: training under attack</h2>")
-    parts.append(_img(plots.rounds_plot(ckpt.history), "MA and ASR per round"))
-    parts.append(_img(plots.weights_plot(ckpt.history), "aggregation weight of attackers per round"))
+    ]
 
-    inv_metrics = run_dir / "invert" / "metrics.json"
-    if inv_metrics.is_file():
-        inv = json.loads(inv_metrics.read_text())
-        s = inv["summary"]
-        parts.append("<h2>Phase 2: gradient inversion</h2>")
-        parts.append(_table(["images", "mean PSNR", "mean SSIM", "label accuracy", "trigger corr. (poisoned)", "s / image"],
-                            [[s["images"], f"{s['mean_psnr']:.2f} dB", f"{s['mean_ssim']:.3f}", _pct(s["label_accuracy"]),
-                              "n/a" if s["mean_trigger_correlation"] is None else f"{s['mean_trigger_correlation']:.2f}",
-                              f"{s['seconds_per_image']:.1f}"]]))
-        truths, recons, captions = [], [], []
-        ordered = sorted(inv["targets"], key=lambda t: (not t["malicious_client"], -t["round"], t["client"]))
-        for t in ordered:
-            part = part_path(run_dir / "invert", Target(t["round"], t["client"], t["kind"]))
-            if part.is_file():
-                p = read_tensors(part)
-                for i in range(len(p["images"])):
-                    truths.append(p["truth"][i])
-                    recons.append(p["images"][i])
-                    flag = " (attacker)" if t["malicious_client"] else ""
-                    captions.append(f"r{t['round']} c{t['client']}{flag}\n{t['psnr'][i]:.1f} dB")
-        if truths:
-            parts.append(_img(plots.reconstruction_grid(torch.stack(truths), torch.stack(recons), captions),
-                              "truth vs reconstruction"))
-        parts.append(f"<p class='note'>{s['images']} reconstructions by {html.escape(inv['method'])}; "
-                     "scores use the evaluation-only ground truth, which the attack never reads."
-                     + (f" {s['uninformative_targets']} capture(s) were skipped: their gradient is exactly zero, because "
-                        "the model already fits those samples perfectly (a saturated backdoor does this to triggered "
-                        "inputs), so they carry nothing to invert." if s.get("uninformative_targets") else "")
-                     + "</p>")
 
-    unl_metrics = run_dir / "unlearn" / "metrics.json"
-    if unl_metrics.is_file():
-        u = json.loads(unl_metrics.read_text())
-        v = u["verification"]
-        parts.append("<h2>Phase 3: verification and unlearning</h2>")
-        found = "<span class='ok'>found</span>" if v["backdoor_found"] else "<span class='bad'>not confirmed</span>"
-        if "suspected_target" not in v:
-            parts.append(f"<p>No backdoor found in {v['reconstructions']} reconstructions ({html.escape(v['reason'])}); "
-                         "the model was left unchanged.</p>")
-        else:
-            parts.append(f"<p>Backdoor {found}: suspected target {v['suspected_target']} (true {v['true_target']}); "
-                     f"{v['suspects']} of {v['reconstructions']} reconstructions are suspects. With the estimated "
-                     f"trigger removed, {_pct(v['suspects_predicted_target_trigger_removed'])} of them stay the target; "
-                     f"stamped on the other reconstructions, the estimated trigger flips "
-                     f"{_pct(v['clean_reconstructions_flipped_by_estimated_trigger'])} to the target. "
-                         f"Mask IoU with the true trigger: {v['mask_iou_with_true_trigger']:.2f}.</p>")
-        trig = _trigger_figure(run_dir, cfg)
-        if trig:
-            parts.append(trig)
-        rows = [("before", u["before"]), ("after unlearning", u["after"])]
-        if "baseline_finetune" in u:
-            rows.append((f"fine-tune on {u['baseline_finetune']['clean_images']} clean", u["baseline_finetune"]))
-        if "baseline_retrain" in u:
-            rows.append(("retrain w/o attackers", u["baseline_retrain"]))
-        parts.append(_img(plots.before_after_plot(rows), "MA and ASR before and after"))
-        parts.append(_table(["model", "MA", "ASR"], [[n, _pct(m["ma"]), _pct(m["asr"])] for n, m in rows]))
-        parts.append(f"<p class='note'>The defender holds {html.escape(u['defender_holds'])}. Unlearning: "
-                     f"{u['settings']['steps']} steps, batch {u['settings']['batch_size']}, lr {u['settings']['lr']}; "
-                     "baselines use the same budget.</p>")
+def _inversion(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / "invert" / "metrics.json"
+    if not path.is_file():
+        return None
+    inv = _read_json(path)
+    s = _get(inv, "summary", path, dict)
+    targets = _get(inv, "targets", path, list)
+    rows = [[s.get("images"), _num(s.get("mean_psnr"), ".2f", " dB"), _num(s.get("mean_ssim"), ".3f"),
+             _pct(s.get("label_accuracy")), _num(s.get("mean_trigger_correlation"), ".2f"),
+             _num(s.get("seconds_per_image"), ".1f")]]
+    truths, recons, captions = [], [], []
+    valid = [t for t in targets if isinstance(t, dict) and all(isinstance(t.get(k), int) for k in ("round", "client"))
+             and isinstance(t.get("kind"), str)]
+    for t in sorted(valid, key=lambda t: (not t.get("malicious_client"), -t["round"], t["client"])):
+        part = part_path(run_dir / "invert", Target(t["round"], t["client"], t["kind"]))
+        if not part.is_file():
+            continue
+        p = read_tensors(part)
+        psnrs = t.get("psnr") if isinstance(t.get("psnr"), list) else []
+        for i in range(min(len(p["images"]), len(p["truth"]))):
+            flag = " (attacker)" if t.get("malicious_client") else ""
+            caption = f"r{t['round']} c{t['client']}{flag}"
+            if i < len(psnrs):
+                caption += "\n" + _num(psnrs[i], ".1f", " dB")
+            truths.append(p["truth"][i])
+            recons.append(p["images"][i])
+            captions.append(caption)
+    figures = [_figure(plots.reconstruction_grid(torch.stack(truths), torch.stack(recons), captions),
+                       "truth vs reconstruction")] if truths else []
+    notes = [f"{s.get('images')} reconstructions by {inv.get('method')}; scores use the evaluation-only ground truth, "
+             "which the attack never reads."]
+    if s.get("uninformative_targets"):
+        notes.append(f"{s['uninformative_targets']} capture(s) were skipped: their gradient is exactly zero, because the "
+                     "model already fits those samples perfectly (a saturated backdoor does this to triggered inputs), "
+                     "so they carry nothing to invert.")
+    return {"header": ["images", "mean PSNR", "mean SSIM", "label accuracy", "trigger corr. (poisoned)", "s / image"],
+            "rows": rows, "figures": figures, "notes": notes}
 
-    doc = (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>flsec report: "
-           f"{html.escape(cfg.name)}</title><style>{_CSS}</style></head><body>{''.join(parts)}</body></html>\n")
-    out = run_dir / "report.html"
-    write_text(out, doc)
+
+def _unlearning(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
+    path = run_dir / "unlearn" / "metrics.json"
+    if not path.is_file():
+        return None
+    u = _read_json(path)
+    v = _get(u, "verification", path, dict)
+    out: dict[str, Any] = {"reconstructions": v.get("reconstructions"), "found": None, "reason": v.get("reason", ""),
+                           "summary": "", "figures": [], "notes": []}
+    if "suspected_target" in v:
+        flipped = _pct(v.get("clean_reconstructions_flipped_by_estimated_trigger"))
+        out["found"] = bool(v.get("backdoor_found"))
+        out["summary"] = (
+            f"suspected target {v.get('suspected_target')} (true {v.get('true_target')}); {v.get('suspects')} of "
+            f"{v.get('reconstructions')} reconstructions are suspects. With the estimated trigger removed, "
+            f"{_pct(v.get('suspects_predicted_target_trigger_removed'))} of them stay the target; stamped on the other "
+            f"reconstructions, the estimated trigger flips {flipped} to the target. Mask IoU with the true trigger: "
+            f"{_num(v.get('mask_iou_with_true_trigger'), '.2f')}.")
+    trig = _trigger_figure(run_dir, cfg)
+    if trig is not None:
+        out["figures"].append(trig)
+    rows = [("before", _get(u, "before", path, dict)), ("after unlearning", _get(u, "after", path, dict))]
+    if isinstance(u.get("baseline_finetune"), dict):
+        rows.append((f"fine-tune on {u['baseline_finetune'].get('clean_images')} clean", u["baseline_finetune"]))
+    if isinstance(u.get("baseline_retrain"), dict):
+        rows.append(("retrain w/o attackers", u["baseline_retrain"]))
+    numeric = [(n, {k: m.get(k) if isinstance(m.get(k), int | float) else math.nan for k in ("ma", "asr")})
+               for n, m in rows]
+    out["figures"].append(_figure(plots.before_after_plot(numeric), "MA and ASR before and after"))
+    out["rows"] = [[n, _pct(m.get("ma")), _pct(m.get("asr"))] for n, m in rows]
+    s = u.get("settings") if isinstance(u.get("settings"), dict) else {}
+    out["notes"].append(f"The defender holds {u.get('defender_holds')}. Unlearning: {s.get('steps')} steps, batch "
+                        f"{s.get('batch_size')}, lr {s.get('lr')}; baselines use the same budget.")
     return out
 
 
-def _trigger_figure(run_dir: Path, cfg: Any) -> str | None:
+def render_report(run_dir: Path) -> str:
+    """The report page of a ``flsec run`` directory, as a string."""
+    run_dir = Path(run_dir)
+    ckpt = load_checkpoint(run_dir / "train")
+    cfg = ckpt.config
+    training = {"figures": [_figure(plots.rounds_plot(ckpt.history), "MA and ASR per round"),
+                            _figure(plots.weights_plot(ckpt.history), "aggregation weight of attackers per round")],
+                "notes": []}
+    context = {"name": cfg.name, "setting": _setting(ckpt), "defense": None, "training": training,
+               "inversion": _inversion(run_dir), "unlearning": _unlearning(run_dir, cfg)}
+    return _ENV.get_template("report.html.j2").render(**context)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Build ``run_dir/report.html`` from the train/, invert/ and unlearn/ phase folders."""
+    out = Path(run_dir) / "report.html"
+    write_text(out, render_report(run_dir))
+    return out
+
+
+def _trigger_figure(run_dir: Path, cfg: Any) -> dict[str, str] | None:
     path = run_dir / "unlearn" / "trigger_estimate.safetensors"
     if not path.is_file():
         return None
     t = read_tensors(path)
+    if not {"mask", "pattern", "heatmap"} <= set(t) or t["mask"].ndim != 3 or t["pattern"].ndim != 3:
+        raise ReportError(f"{path}: expected tensors mask, pattern and heatmap of C x H x W images")
     h, w = t["mask"].shape[-2:]
     true = make_trigger(cfg.attack.trigger, h, w)
     c = t["pattern"].shape[0]
-    return _img(plots.trigger_plot(t["heatmap"].numpy(), t["mask"][0].float().numpy(), t["pattern"],
-                                   true.pattern.expand(c, h, w)), "trigger estimate")
+    return _figure(plots.trigger_plot(t["heatmap"].numpy(), t["mask"][0].float().numpy(), t["pattern"],
+                                      true.pattern.expand(c, h, w)), "trigger estimate")

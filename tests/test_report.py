@@ -1,0 +1,58 @@
+"""The HTML report treats every field of a run directory as untrusted text."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flsec.errors import FlsecError
+from flsec.report.html import write_report
+
+HOSTILE = "<script>alert('x')</script><img src=x onerror=alert(1)>"
+
+
+@pytest.fixture
+def run_dir(trained_run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(trained_run, out / "train")
+    return out
+
+
+def _write(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def test_metrics_fields_are_escaped(run_dir: Path) -> None:
+    _write(run_dir / "invert" / "metrics.json",
+           {"method": HOSTILE, "summary": {"images": HOSTILE, "mean_psnr": 30.0, "label_accuracy": 1.0},
+            "targets": [{"round": 1, "client": 0, "kind": HOSTILE, "malicious_client": True}]})
+    _write(run_dir / "unlearn" / "metrics.json",
+           {"verification": {"reconstructions": 3, "reason": HOSTILE}, "defender_holds": HOSTILE,
+            "before": {"ma": 0.9, "asr": 1.0}, "after": {"ma": 0.9, "asr": 0.0},
+            "baseline_finetune": {"ma": 0.9, "asr": 0.9, "clean_images": HOSTILE}, "settings": {"steps": HOSTILE}})
+    page = write_report(run_dir).read_text()
+    assert "<script" not in page and "<img src=x" not in page
+    assert "&lt;script&gt;" in page
+    assert page.count("&lt;script&gt;") >= 5  # method, images, reason, defender_holds, clean_images, steps
+    assert "Phase 2" in page and "Phase 3" in page
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1, 2]", "\xff\xfe"])
+def test_corrupt_metrics_give_one_line(run_dir: Path, content: str) -> None:
+    path = run_dir / "invert" / "metrics.json"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content.encode("latin-1"))
+    with pytest.raises(FlsecError, match="invert/metrics.json") as info:
+        write_report(run_dir)
+    assert "\n" not in str(info.value)
+    assert not (run_dir / "report.html").exists()
+
+
+def test_missing_field_is_named(run_dir: Path) -> None:
+    _write(run_dir / "unlearn" / "metrics.json", {"verification": {}, "before": {"ma": 1.0, "asr": 0.0}})
+    with pytest.raises(FlsecError, match="missing field 'after'"):
+        write_report(run_dir)
