@@ -208,7 +208,8 @@ def markdown(meta: dict[str, Any], report: dict[str, Any], stem: str) -> str:
         "coordinates of the last global update, 5 local epochs; DBA = the trigger split into one row band per "
         "attacker; sybil flip = every attacker trains on the same set, every training 7 relabelled 0. "
         "ASR: for backdoors the share of non-0 test images stamped with the global trigger classified 0; "
-        "for sybil flip the share of test 7s classified 0. aggregation.f = number of attackers. Mean ± sample std over seeds, in %.", "",
+        "for sybil flip the share of test 7s classified 0. aggregation.f = number of attackers. "
+        "Mean ± sample std over seeds, in %.", "",
         f"![ASR at attack stop]({stem}_asr.png)", "",
         f"Durability, the same {meta['rounds'] - meta['attack_rounds']} rounds after the attack stopped:", "",
         f"![ASR at the end]({stem}_asr_final.png)", "",
