@@ -28,6 +28,7 @@ import torch
 
 from flsec.aggregation import AGGREGATORS
 from flsec.config import SweepGrid, apply_overrides, read_toml
+from flsec.fl.checkpoint import load_checkpoint
 from flsec.io import write_bytes, write_json, write_text
 from flsec.sweep import run_sweep
 from flsec.sweep.grid import Axis
@@ -129,6 +130,7 @@ def main() -> None:
     rows = [run_row(r, attacked.out, attacked.axes) for r in attacked.runs]
     clean_rows = [run_row(r, clean.out, clean.axes) for r in clean.runs]
     report = summarise(rows, clean_rows, rules)
+    report["dba_parts"] = dba_parts(attacked.out, rows, rules)
     meta = {
         "command": "python benchmarks/attack_matrix.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("smoke", "rules", "work", "results")),
@@ -173,7 +175,27 @@ def summarise(rows: list[dict[str, Any]], clean_rows: list[dict[str, Any]], rule
     return {"cells": cells, "no_attack": clean}
 
 
-def verdict(rule: str, cells: list[dict[str, Any]], clean: dict[str, Any]) -> str:
+def dba_parts(out: Path, rows: list[dict[str, Any]], rules: list[str]) -> list[dict[str, Any]]:
+    """DBA cells: ASR of the global trigger and of each local part, when the attack stops and at the end."""
+    cells = []
+    for rule in rules:
+        for m in ATTACKERS:
+            sel = [r for r in rows if r["aggregation.name"] == rule and r["attack"] == "DBA"
+                   and int(r["attack.num_malicious"]) == m and r["status"] == "complete"]
+            stop, end = [], []
+            for r in sel:
+                hist = load_checkpoint(out / r["run_dir"]).history
+                at_stop = next(h for h in hist if h["round"] == r["last_attack_round"])
+                stop.append([at_stop["asr"], *at_stop["asr_parts"]])
+                end.append([hist[-1]["asr"], *hist[-1]["asr_parts"]])
+            if sel:
+                cells.append({"rule": rule, "attackers": m, "runs": len(sel),
+                              "at_stop": [mean_std(col) for col in zip(*stop, strict=True)],
+                              "at_end": [mean_std(col) for col in zip(*end, strict=True)]})
+    return cells
+
+
+def verdict(rule: str, cells: list[dict[str, Any]], clean: dict[str, Any], after: int) -> str:
     mine = [c for c in cells if c["rule"] == rule and c["runs"]]
     broken = [f"{c['attack']} ({c['attackers']})" for c in mine if c["asr_at_stop"][0] >= BROKEN]
     dented = [f"{c['attack']} ({c['attackers']})" for c in mine if DENTED <= c["asr_at_stop"][0] < BROKEN]
@@ -185,7 +207,7 @@ def verdict(rule: str, cells: list[dict[str, Any]], clean: dict[str, Any]) -> st
     if dented:
         text += "Dented (20-50%) by: " + ", ".join(dented) + ". "
     if durable:
-        text += "Still >= 50% three rounds after the attack stopped: " + ", ".join(durable) + ". "
+        text += f"Still >= 50% {after} rounds after the attack stopped: " + ", ".join(durable) + ". "
     return text
 
 
@@ -219,11 +241,18 @@ def markdown(meta: dict[str, Any], report: dict[str, Any], stem: str) -> str:
     for c in cells:
         lines.append(f"| {c['rule']} | {c['attack']} | {c['attackers']} | {pct(c['asr_at_stop'])} | "
                      f"{pct(c['asr_final'])} | {pct(c['ma_final'])} |")
+    lines += ["", "## DBA: global trigger and each local part", "",
+              "ASR of the assembled global trigger and of each attacker's part alone (Xie et al. 2020 evaluate both), "
+              "when the attack stops / at the end.", "",
+              "| rule | attackers | global | parts |", "|---|---|---|---|"]
+    for c in report["dba_parts"]:
+        parts = ", ".join(f"{pct(a)} / {pct(b)}" for a, b in zip(c["at_stop"][1:], c["at_end"][1:], strict=True))
+        lines.append(f"| {c['rule']} | {c['attackers']} | {pct(c['at_stop'][0])} / {pct(c['at_end'][0])} | {parts} |")
     lines += ["", "## No attack", "", "| rule | MA | ASR (trigger on a clean model) |", "|---|---|---|"]
     lines += [f"| {r} | {pct(clean[r]['ma'])} | {pct(clean[r]['asr'])} |" for r in rules]
     lines += ["", "## Per defense", ""]
     for rule in rules:
-        lines.append(f"**{rule}.** " + verdict(rule, cells, clean))
+        lines.append(f"**{rule}.** " + verdict(rule, cells, clean, meta["rounds"] - meta["attack_rounds"]))
         if rule in LITERATURE:
             lines.append(f"Literature: {LITERATURE[rule]}")
         if rule in NOTES:
