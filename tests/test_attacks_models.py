@@ -259,3 +259,48 @@ def test_label_flip_stops_when_the_attack_stops(tmp_path: Path) -> None:
     fed = Server(small_config(attack={"kind": "label_flip", "rounds": [1]}), tmp_path / "r").fed
     y_attack, y_after = fed.client_data(0, 1)[1], fed.client_data(0, 2)[1]
     assert not torch.any(y_attack == 7) and torch.equal(y_after, fed.data.y_train[torch.from_numpy(fed.shards[0])])
+
+
+def test_durability_known_answers() -> None:
+    from flsec.attacks.durability import durability, rounds_since_attack
+
+    hist = [{"round": 1, "asr": 0.9, "attackers": [0]}, {"round": 2, "asr": 0.95, "attackers": [0, 1]},
+            {"round": 3, "asr": 0.7, "attackers": []}, {"round": 4, "asr": 0.4, "attackers": []},
+            {"round": 5, "asr": 0.6, "attackers": []}]
+    d = durability(hist)
+    assert (d["last_attack_round"], d["asr_at_stop"], d["asr_after"]) == (2, 0.95, [0.7, 0.4, 0.6])
+    assert d["lifespan"] == 1 and not d["censored"]  # above 50% for one round after the stop
+    assert durability(hist[:3])["lifespan"] == 1 and durability(hist[:3])["censored"]
+    assert rounds_since_attack(hist) == 3 and rounds_since_attack(hist[:2]) == 0
+    assert durability([{"round": 1, "asr": 0.1, "attackers": []}])["last_attack_round"] is None
+
+
+def test_a_plugin_attack_with_options(tmp_path: Path) -> None:
+    from pydantic import BaseModel, ConfigDict
+
+    from flsec.attacks import ATTACKS, Attack
+    from flsec.errors import ConfigError
+
+    class NoiseOptions(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        scale: float = 1.0
+
+    if "test_noise" not in ATTACKS:
+        @ATTACKS.register("test_noise")
+        class Noise(Attack):
+            """Sends scaled noise instead of its update."""
+
+            name = "test_noise"
+            Options = NoiseOptions
+
+            def finish_update(self, update: torch.Tensor, client: int, round_: int) -> torch.Tensor:
+                g = torch.Generator().manual_seed(round_ * 100 + client)
+                return self.options.scale * torch.randn(update.shape, generator=g)
+
+    _, _, reply = attacker_reply(tmp_path / "a", kind="test_noise", options={"scale": 3.0})
+    d = reply.update.numel()
+    assert abs(float(reply.update.norm()) / d**0.5 - 3.0) < 0.1
+    with pytest.raises(ConfigError, match=r"attack.options.scael: Extra inputs"):
+        attacker_reply(tmp_path / "b", kind="test_noise", options={"scael": 3.0})
+    with pytest.raises(ConfigError, match="attack 'backdoor' takes no options"):
+        attacker_reply(tmp_path / "c", kind="backdoor", options={"scale": 3.0})

@@ -107,6 +107,8 @@ class Attack:
     needs: ClassVar[frozenset[str]] = frozenset()
     #: the attack scales its update even without ``attack.boost`` (model replacement)
     scales: ClassVar[bool] = False
+    #: the attack poisons local batches (:meth:`poison`)
+    poisons_batches: ClassVar[bool] = False
     Options: ClassVar[type[BaseModel] | None] = None
 
     def __init__(self, setting: AttackSetting) -> None:

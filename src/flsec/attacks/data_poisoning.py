@@ -29,6 +29,7 @@ class BackdoorAttack(Attack):
     """Pixel-pattern backdoor by batch poisoning; the base of every model-poisoning backdoor here."""
 
     name = "backdoor"
+    poisons_batches = True
 
     def __init__(self, setting: AttackSetting) -> None:
         super().__init__(setting)

@@ -96,6 +96,7 @@ class EdgeCaseBackdoor(Attack):
         return torch.cat([x, self.setting.data.x_train[tail]]), torch.cat([y, target])
 
     def evaluate(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict[str, Any]:
+        """MA on (x, y), the federation's test set (the tail was found among its images), and the tail's ASR."""
         t = self.config.attack.target_label
         return {"ma": main_accuracy(model, x, y), "asr": targeted_rate(model, x[self.test_tail], t),
                 "asr_typical": targeted_rate(model, x[self.test_typical], t)}

@@ -81,13 +81,13 @@ class Federation:
     def poison(self, client: int, round_: int, x: torch.Tensor, y: torch.Tensor,
                generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """One batch as the client poisons it this round: (x, y, poisoned mask), None when it does not."""
-        if not self.attacking(client, round_):
+        if not (self.attack.poisons_batches and self.attacking(client, round_)):
             return None
         return self.attack.poison(x, y, client, generator)
 
     def transform(self, client: int, round_: int) -> BatchTransform | None:
         """The batch poisoning a client applies this round (None for honest behaviour)."""
-        if not self.attacking(client, round_) or type(self.attack).poison is Attack.poison:
+        if not (self.attack.poisons_batches and self.attacking(client, round_)):
             return None
 
         def poison(x: torch.Tensor, y: torch.Tensor, g: torch.Generator,
