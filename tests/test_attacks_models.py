@@ -116,6 +116,8 @@ def test_pgd_without_eps_sends_an_update_the_size_of_its_honest_one(tmp_path: Pa
     honest_reply = run_client(plain.fed, plain.fed.new_model(), plain.begin_round(1)[0])
     assert float(reply.update.norm()) <= eps * (1 + 1e-5)
     assert 0.5 * float(honest_reply.update.norm()) < eps < 2.0 * float(honest_reply.update.norm())
+    _, _, half = attacker_reply(tmp_path / "half", kind="pgd", local_epochs=3, pgd={"eps_factor": 0.5})
+    assert half.capture.meta["attack_eps"] == pytest.approx(0.5 * eps)  # same honest reference, half the radius
 
 
 def test_neurotoxin_update_is_zero_outside_the_chosen_coordinates(tmp_path: Path) -> None:

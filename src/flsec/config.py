@@ -87,6 +87,7 @@ class PGDConfig(_Section):
 
     eps: float | None = Field(None, gt=0, description="radius of the ball around the global model (default: the norm of "
                                                       "the attacker's own honest update in the round)")
+    eps_factor: float = Field(1.0, gt=0, description="without eps: the radius is this times the honest update's norm")
     norm: Literal["l2", "linf"] = Field("l2", description="the ball's norm")
     project_every: int = Field(1, ge=1, description="project after every k-th local step (and always after the last)")
 

@@ -12,9 +12,10 @@ it with. The projection runs after every ``project_every``-th step and always af
 sent update satisfies the bound exactly (Wang et al.'s code projects every 10 steps and at the end;
 ``project_every = 1`` is plain projected SGD).
 
-Without ``attack.pgd.eps`` the attacker chooses the radius itself: the norm of the honest update it
-computes first from the same global weights on its own clean data, i.e. it sends an update of the size
-an honest client would.
+Without ``attack.pgd.eps`` the attacker chooses the radius itself: ``eps_factor`` times the norm of
+the honest update it computes first from the same global weights on its own clean data (factor 1: it
+sends an update of the size an honest client would; Wang et al. shrink the radius against Krum,
+where a small update looks central).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ class NormBoundedBackdoor(BackdoorAttack):
             spec = self.honest_spec()
             honest = copy.deepcopy(model)
             batches = client_batches(x, y, spec, generator(self.config.seed, round_, client, ATTACK_STREAM))
-            return update_norm(local_train_on(honest, batches, spec).update, norm)
+            return self.config.attack.pgd.eps_factor * update_norm(local_train_on(honest, batches, spec).update, norm)
 
         return reference
 
