@@ -10,6 +10,7 @@ import torch
 
 from flsec.attacks.base import PREVIOUS_GLOBAL_UPDATE
 from flsec.attacks.constrain_scale import anomaly_evasion_objective, bounded_scale, model_distance
+from flsec.attacks.durability import durability
 from flsec.attacks.edge_case import rarity_scores, select_tail
 from flsec.attacks.neurotoxin import neurotoxin_mask
 from flsec.attacks.pgd import project_l2, project_linf
@@ -207,8 +208,8 @@ def test_dba_poisons_with_local_parts_and_reports_global_and_local_asr(tmp_path:
     rec = ckpt.history
     assert all(len(h["asr_parts"]) == 2 and min(h["asr_parts"]) >= 0 for h in rec)
     assert [h["rounds_since_attack"] for h in rec] == [0, 0, 1]
-    assert ckpt.meta["durability"]["last_attack_round"] == 2
-    assert ckpt.meta["durability"]["asr_after"] == [rec[2]["asr"]]
+    dur = durability(rec)
+    assert dur["last_attack_round"] == 2 and dur["asr_after"] == [rec[2]["asr"]]
 
 
 def test_sybils_share_one_poisoned_dataset(tmp_path: Path) -> None:
@@ -264,7 +265,7 @@ def test_label_flip_stops_when_the_attack_stops(tmp_path: Path) -> None:
 
 
 def test_durability_known_answers() -> None:
-    from flsec.attacks.durability import durability, rounds_since_attack
+    from flsec.attacks.durability import rounds_since_attack
 
     hist = [{"round": 1, "asr": 0.9, "attackers": [0]}, {"round": 2, "asr": 0.95, "attackers": [0, 1]},
             {"round": 3, "asr": 0.7, "attackers": []}, {"round": 4, "asr": 0.4, "attackers": []},

@@ -1,10 +1,13 @@
-"""Command line: ``flsec train | invert | unlearn | run | demo | sweep | report``.
+"""Command line: ``flsec train | invert | unlearn | run | demo | sweep | report | verify``.
 
-User errors print one line (``error: ...``) and exit with code 2.
+A user error (bad config, option or input file) prints one line (``error: ...``) and exits with
+code 2; an I/O failure (read-only or full disk, ...) prints one line and exits with code 1; Ctrl-C
+says what was kept and the exact command that continues, and exits with code 130.
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -20,11 +23,24 @@ ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="experime
 
 
 @app.callback()
-def _root() -> None:
+def _root(
+    plugin: Annotated[list[str] | None, typer.Option(
+        "--plugin", help="import this module first (it registers plug-ins); never taken from a run directory")] = None,
+) -> None:
     """Federated-learning security research: train under attack, invert, unlearn."""
+    from flsec.registry import import_plugins
+
+    import_plugins(plugin or [])
 
 
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="override, e.g. training.rounds=5")]
+EngineOpt = Annotated[str | None, typer.Option(
+    "--engine", help="runtime.engine: inprocess or flower (needs the flower extra)")]
+
+
+def _with_engine(set_: list[str] | None, engine: str | None) -> list[str]:
+    """``--engine X`` is ``--set runtime.engine="X"`` (validated with the rest of the config)."""
+    return [*(set_ or []), *([f'runtime.engine="{engine}"'] if engine is not None else [])]
 
 
 @app.command()
@@ -34,15 +50,46 @@ def train(
     set_: SetOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in --out")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+    engine: EngineOpt = None,
 ) -> None:
     """Phase 1: federated training under attack; writes a checkpoint directory."""
     from flsec.config import load_config
+    from flsec.fl.server import fmt_rate
     from flsec.fl.server import train as run_training
 
-    cfg = load_config(config, set_)
+    cfg = load_config(config, _with_engine(set_, engine))
     ckpt = run_training(cfg, out, resume=resume, progress=not quiet)
     m = ckpt.history[-1]
-    typer.echo(f"round {m['round']}: MA {m['ma']:.4f}  ASR {m['asr']:.4f}  -> {out}")
+    typer.echo(f"round {m['round']}: MA {m['ma']:.4f}  ASR {fmt_rate(m['asr'], 4)}  -> {out}")
+
+
+@app.command()
+def check(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Validate an experiment (config, data, partition, model, attackers, aggregator) without training;
+    writes nothing."""
+    from flsec.config import load_config
+    from flsec.fl.server import describe
+
+    d = describe(load_config(config, set_))
+    typer.echo(f"ok: {d['dataset']} {d['train_images']}/{d['test_images']} images {'x'.join(map(str, d['image']))}, "
+               f"{d['model']} ({d['parameters']:,} parameters), {d['clients']} clients ({d['client_images'][0]}-"
+               f"{d['client_images'][1]} images each, {d['clients_per_round']} per round), {d['rounds']} rounds, attack "
+               f"{d['attack']} by {d['attackers']}, aggregation {d['aggregation']}")
+
+
+@app.command()
+def verify(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory written by `flsec train` (or its checkpoint/)")],
+) -> None:
+    """Verify a run directory someone else made before using it: manifest, hashes, paths and every tensor."""
+    from flsec.fl.checkpoint import verify_run
+
+    s = verify_run(run_dir)
+    typer.echo(f"ok: {s['status']} run, round {s['round']} of {s['rounds']}, {s['files']} files verified, "
+               f"{s['captures']} captures; MA {s['ma']}  ASR {s['asr']}")
 
 
 @app.command()
@@ -125,14 +172,21 @@ def _print_unlearning(res: dict) -> None:
 def run(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="run directory (re-run to resume)")] = Path("runs/run"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/run"),
+    resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in --out")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
+    engine: EngineOpt = None,
 ) -> None:
-    """All three phases in one run directory, then report.html. Re-running resumes unfinished phases."""
+    """All three phases in one run directory, then report.html. --resume continues unfinished phases
+    (finished ones are never redone)."""
     from flsec.config import load_config
+    from flsec.errors import CheckpointError
     from flsec.pipeline import run_pipeline
 
-    report = run_pipeline(load_config(config, set_), out, progress=not quiet)
+    cfg = load_config(config, _with_engine(set_, engine))
+    if not resume and (out / "train" / "meta.json").exists():
+        raise CheckpointError(f"--out: {out} already holds a run; pass --resume to continue it or choose a new --out")
+    report = run_pipeline(cfg, out, progress=not quiet)
     _print_run(out, report)
 
 
@@ -141,7 +195,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/demo"),
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
-    """`flsec run` on the embedded digits default (no download)."""
+    """`flsec run` on the embedded digits default (no download); re-running it reuses finished phases."""
     from importlib.resources import as_file, files
 
     from flsec.config import build_config, read_toml
@@ -205,15 +259,70 @@ def _print_run(out: Path, report: Path) -> None:
     typer.echo(f"report: {report.resolve()}")
 
 
+def _option(argv: list[str], *names: str) -> str | None:
+    for i, arg in enumerate(argv):
+        for name in names:
+            if arg == name and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(name + "="):
+                return arg[len(name) + 1:]
+    return None
+
+
+def interrupted_message(argv: list[str]) -> str:
+    """One line for Ctrl-C: what the interrupted command kept, and the exact command that continues."""
+    command = next((a for a in argv if a in app_commands()), None)
+    again = shlex.join(["flsec", *argv])
+    resume = again if "--resume" in argv else f"{again} --resume"
+    out = _option(argv, "--out", "-o")
+    if command == "train" and out:
+        kept = _committed_round(Path(out))
+        return f"interrupted: {kept} in {out}; continue with: {resume}"
+    if command in ("run", "demo"):
+        where = out or ("runs/demo" if command == "demo" else "runs/run")
+        kept = _committed_round(Path(where) / "train")
+        phases = [p for p, f in (("inversion", "invert/metrics.json"), ("unlearning", "unlearn/metrics.json"))
+                  if (Path(where) / f).is_file()]
+        done = f"{kept}{'; finished: ' + ', '.join(phases) if phases else ''}; finished inversion captures are cached"
+        return f"interrupted: {done} in {where}; continue with: {again if command == 'demo' else resume}"
+    if command == "invert":
+        return f"interrupted: finished captures are kept in {out or 'inversion'}/parts; continue with: {again}"
+    return f"interrupted: nothing was written under a final name; start again with: {again}"
+
+
+def _committed_round(run_dir: Path) -> str:
+    import json
+
+    try:
+        meta = json.loads((run_dir / "meta.json").read_text(encoding="utf-8"))
+        done, total = int(meta["round"]), int(meta["rounds"])
+        return f"rounds 1-{done} of {total} are saved" if done else "no round is saved yet"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "no round is saved yet"
+
+
+def app_commands() -> set[str]:
+    return {c.name or c.callback.__name__ for c in app.registered_commands if c.callback is not None}
+
+
 def main() -> None:
+    argv = sys.argv[1:]
     try:
         app()
     except FlsecError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)
+    except OSError as exc:
+        where = f"{exc.filename}: " if exc.filename else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        sys.exit(1)
     except KeyboardInterrupt:
-        typer.echo("interrupted; finished rounds/phases are saved, re-run with --resume to continue", err=True)
+        typer.echo(interrupted_message(argv), err=True)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code == 130:  # Typer's own Ctrl-C handling: no flsec command exits 130 otherwise
+            typer.echo(interrupted_message(argv), err=True)
+        raise
 
 
 if __name__ == "__main__":

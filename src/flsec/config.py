@@ -16,7 +16,9 @@ from flsec.errors import ConfigError
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Strict: ``rounds = true`` or ``rounds = 2.0`` is an error, not 1 or 2; ``nan`` and ``inf`` are refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 def _registered(kind: str, name: str) -> str:
@@ -210,6 +212,18 @@ class UnlearningConfig(_Section):
     baselines: bool = Field(True, description="also run plain fine-tuning and retraining without attackers")
 
 
+class FlowerConfig(_Section):
+    """``runtime.engine = "flower"``: Flower's simulation engine (Ray) runs the clients."""
+
+    num_supernodes: int | None = Field(
+        None, ge=1, description="virtual SuperNodes (default: training.num_clients); client c runs on node c mod this")
+    client_cpus: float = Field(1.0, gt=0, description="CPUs Ray reserves per running ClientApp (backend client_resources)")
+    client_gpus: float = Field(0.0, ge=0, description="GPUs (or a fraction) Ray reserves per running ClientApp")
+    ray_address: str | None = Field(None, description="join a running Ray cluster (ray.init address); default: start one")
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs a Ray started here may use (default: all)")
+    round_timeout: float = Field(3600.0, gt=0, description="seconds to wait for a round's replies before failing")
+
+
 class RuntimeConfig(_Section):
     """How a run is executed; changing it never changes what is computed beyond float rounding."""
 
@@ -217,11 +231,14 @@ class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: CUDA, then MPS, then CPU")
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (default: torch's choice)")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision; fp16 needs a GPU")
+    engine: Literal["inprocess", "flower"] = Field(
+        "inprocess", description="inprocess: this process drives the rounds; flower: a Flower ServerApp + ClientApp")
+    flower: FlowerConfig = FlowerConfig()
 
 
 class ExperimentConfig(_Section):
     name: str = "experiment"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="run seed; every random stream derives from it")
     plugins: list[str] = Field(default_factory=list, description="modules to import that register plug-ins")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
@@ -398,12 +415,14 @@ def format_validation_error(exc: ValidationError) -> str:
     return f"{dotted}: {msg} (got {shown})" if dotted else msg
 
 
-def build_config(data: dict[str, Any]) -> ExperimentConfig:
-    from flsec.registry import import_plugins
+def build_config(data: dict[str, Any], import_plugins: bool = True) -> ExperimentConfig:
+    """Validate an experiment. ``import_plugins`` imports the modules its ``plugins`` field names:
+    right for a config file the user wrote, never for one read out of a run directory."""
+    from flsec import registry
 
     plugins = data.get("plugins", [])
-    if isinstance(plugins, list):
-        import_plugins([str(p) for p in plugins])
+    if import_plugins and isinstance(plugins, list):
+        registry.import_plugins([str(p) for p in plugins])
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
@@ -414,7 +433,9 @@ def read_toml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--config: file not found: {path}")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--config: {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
 

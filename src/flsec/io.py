@@ -1,9 +1,17 @@
-"""Atomic file writes and hashing: nothing half-written is ever left under a final name."""
+"""Atomic file writes and hashing: nothing half-written is ever left under a final name.
+
+Every file is written to a temporary name in its final directory, flushed to disk and renamed
+over the final name; the directory is synced too so the rename survives a power cut. Files get
+the permissions an ordinary ``open()`` would give them (0666 minus the umask), so shared run
+directories stay readable. JSON is strict (no ``NaN``/``Infinity`` tokens: non-finite numbers are
+written as ``null``), and safetensors files are byte-identical for identical content.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator
@@ -14,19 +22,55 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from flsec.faults import fault_point
+
+TEMP_SUFFIX = ".tmp"
+METADATA_KEY = "flsec"
+
+
+def _default_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+FILE_MODE = _default_mode()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_temp_file(path: Path) -> bool:
+    """A temporary file left by an interrupted :func:`atomic_path` (safe to delete)."""
+    return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
+
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path in the same directory; rename it onto ``path`` on success."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp_path, FILE_MODE)
+        fault_point("atomic:before_rename")
         os.replace(tmp_path, path)
+        fsync_dir(path.parent)
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -41,15 +85,54 @@ def write_text(path: Path, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 
 
+def strict_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float replaced by None (JSON has no NaN or Infinity)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [strict_json(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, **kwargs: Any) -> str:
+    """Strict, deterministic JSON text of ``obj`` (sorted keys, no NaN/Infinity)."""
+    return json.dumps(strict_json(_plain(obj)), sort_keys=True, allow_nan=False, **kwargs)
+
+
 def write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+    write_text(path, dumps(obj, indent=2) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[Any]) -> None:
+    write_text(path, "".join(dumps(r) + "\n" for r in rows))
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write tensors as safetensors (no pickle), atomically."""
+    """Write tensors as safetensors (no pickle), atomically, as CPU tensors.
+
+    The metadata is stored as one sorted JSON string under the key ``flsec``: safetensors keeps its
+    header's metadata in a hash map, so several keys would come out in a different order from run to
+    run and identical content would give different bytes.
+    """
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=metadata)
+        save_file(contiguous, str(tmp), metadata=header)
+
+
+def unpack_metadata(header: dict[str, str]) -> dict[str, str]:
+    """The metadata dict given to :func:`write_tensors`, from a safetensors header's metadata."""
+    if set(header) == {METADATA_KEY}:
+        try:
+            inner = json.loads(header[METADATA_KEY])
+        except json.JSONDecodeError:
+            return {}
+        if isinstance(inner, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in inner.items()):
+            return inner
+        return {}
+    return dict(header)
 
 
 def write_with(path: Path, writer: Callable[[Path], None]) -> None:
@@ -74,13 +157,20 @@ def md5_file(path: Path) -> str:
     return file_digest(path, "md5")
 
 
-def _json_default(obj: Any) -> Any:
+def _plain(obj: Any) -> Any:
+    """Convert paths, tensors and numpy scalars/arrays into JSON-native values, recursively."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_plain(v) for v in obj]
+    if obj is None or isinstance(obj, str | int | float | bool):
+        return obj
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if hasattr(obj, "item"):
-        return obj.item()
+        return _plain(obj.tolist())
     if hasattr(obj, "tolist"):
-        return obj.tolist()
+        return _plain(obj.tolist())
+    if hasattr(obj, "item"):
+        return _plain(obj.item())
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -14,12 +14,18 @@ from flsec.config import ExperimentConfig
 from flsec.fl.server import train
 from flsec.inversion.attack import run_inversion
 from flsec.inversion.methods import InversionSettings
+from flsec.lock import locked_dir
 from flsec.report.html import write_report
 from flsec.unlearning.run import run_unlearning, settings_from
 
 
 def run_pipeline(config: ExperimentConfig, out: Path, progress: bool = True) -> Path:
     out = Path(out)
+    with locked_dir(out):
+        return _run_phases(config, out, progress)
+
+
+def _run_phases(config: ExperimentConfig, out: Path, progress: bool) -> Path:
     train_dir, inv_dir, unl_dir = out / "train", out / "invert", out / "unlearn"
     train(config, train_dir, resume=(train_dir / "meta.json").exists(), progress=progress)
 

@@ -33,9 +33,9 @@ def durability(history: Sequence[dict[str, Any]], threshold: float = 0.5) -> dic
     if last is None:
         return {"last_attack_round": None, "asr_at_stop": None, "asr_after": [], "lifespan": None,
                 "censored": False, "threshold": threshold}
-    at_stop = next(float(h["asr"]) for h in history if int(h["round"]) == last)
-    after = [float(h["asr"]) for h in history if int(h["round"]) > last]
-    below = next((i for i, a in enumerate(after) if not a >= threshold), None)
+    at_stop = next(h["asr"] for h in history if int(h["round"]) == last)
+    after = [h["asr"] for h in history if int(h["round"]) > last]
+    below = next((i for i, a in enumerate(after) if a is None or not a >= threshold), None)
     lifespan = len(after) if below is None else below
     return {"last_attack_round": last, "asr_at_stop": at_stop, "asr_after": after, "lifespan": lifespan,
             "censored": below is None, "threshold": threshold}

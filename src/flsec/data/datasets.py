@@ -40,6 +40,15 @@ class ImageDataset:
     std: tuple[float, ...]
     class_names: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        for split, x, y in (("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)):
+            if x.ndim != 4 or len(x) != len(y) or y.ndim != 1:
+                raise DataError(f"{self.name}: {split} images {tuple(x.shape)} and labels {tuple(y.shape)} do not pair up")
+            bad = y[(y < 0) | (y >= self.num_classes)]
+            if len(bad):
+                raise DataError(f"{self.name}: {split} label {int(bad[0])} is not a class (0..{self.num_classes - 1}); "
+                                "the file is corrupt")
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
@@ -263,8 +272,12 @@ def _read_cifar_py(path: Path) -> tuple[np.ndarray, np.ndarray]:
         batch = _ArrayOnlyUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise DataError(f"{path}: not a CIFAR-10 python batch ({exc})") from None
-    data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-    return data, np.asarray(batch[b"labels"], dtype=np.int64)
+    try:
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{path}: not a CIFAR-10 python batch (no valid data/labels: {exc})") from None
+    return data, labels
 
 
 def _read_cifar_bin(path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -34,6 +34,8 @@ def dirichlet_partition(
         for c in classes:
             idx = rng.permutation(np.flatnonzero(labels == c))
             shares = rng.dirichlet(np.full(num_clients, alpha))
+            if not np.isfinite(shares).all():
+                raise ConfigError(f"data.alpha: Dirichlet({alpha}) cannot be sampled in floating point; use alpha >= 1e-3")
             cuts = (np.cumsum(shares) * len(idx)).astype(int)[:-1]
             for client, part in enumerate(np.split(idx, cuts)):
                 shards[client].extend(part.tolist())

@@ -17,7 +17,7 @@ from flsec.config import ExperimentConfig
 from flsec.data import ImageDataset, load_dataset, make_partition
 from flsec.errors import ConfigError
 from flsec.fl.client import BatchTransform, LocalSpec
-from flsec.models import InputSpec, build_model
+from flsec.models import InputSpec, build_model, check_fits
 
 
 @dataclass
@@ -45,6 +45,7 @@ class Federation:
                                   f"(0..{data.num_classes - 1})")
         c, h, w = data.image_shape
         spec = InputSpec(c, h, w, data.num_classes, data.mean, data.std)
+        check_fits(config.model.name, spec, data.name)
         shards = make_partition(
             config.data.partition, data.y_train.numpy(), config.training.num_clients, config.seed,
             config.data.alpha, config.data.min_client_size,

@@ -10,6 +10,7 @@ methods and :func:`~flsec.fl.rounds.run_client`, so none re-implements the feder
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,20 +22,35 @@ from tqdm.auto import tqdm
 
 from flsec.aggregation import AggregatorParams, build_aggregator
 from flsec.attacks.base import KNOWLEDGE, PREVIOUS_GLOBAL_UPDATE
-from flsec.attacks.durability import durability, rounds_since_attack
+from flsec.attacks.durability import rounds_since_attack
 from flsec.config import ExperimentConfig
-from flsec.errors import CheckpointError, ConfigError
-from flsec.fl.checkpoint import Checkpoint, RunWriter, load_checkpoint
+from flsec.errors import CheckpointError, ConfigError, FlsecError
+from flsec.faults import fault_point
+from flsec.fl.checkpoint import (
+    ALIASES,
+    META,
+    Checkpoint,
+    RunWriter,
+    load_checkpoint,
+    only_flsec_leftovers,
+    refresh_alias,
+    remove_leftovers,
+)
 from flsec.fl.engines import CLIENT_ENGINES
 from flsec.fl.federation import Federation
 from flsec.fl.params import derive_seed, get_flat, set_flat
 from flsec.fl.rounds import SELECT, ClientReply, ClientTask
+from flsec.lock import locked_dir
 from flsec.models import output_layer_slice
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
 
 # The server's own resume state travels in the state file next to the aggregator's, under this prefix.
 SERVER_STATE = "server."
+
+
+class TrainingDivergedError(FlsecError):
+    """The federation produced non-finite weights: nothing of that round is written."""
 
 
 def training_fields(config: dict[str, Any]) -> dict[str, Any]:
@@ -67,10 +83,10 @@ class Server:
     global model, the aggregator's state and the history, so the next round is ``start_round``.
     """
 
-    def __init__(self, config: ExperimentConfig, out: Path, resume: bool = False,
+    def __init__(self, config: ExperimentConfig, out: Path | None, resume: bool = False,
                  federation: Federation | None = None) -> None:
         self.config = config
-        self.out = Path(out)
+        self.out = Path(out) if out is not None else Path()
         self.fed = federation or Federation.from_config(config)
         self.model = self.fed.new_model()
         self.per_round = config.clients_per_round
@@ -88,23 +104,31 @@ class Server:
         self.finished: Checkpoint | None = None
         self.cap_rounds, self.cap_clients = capture_plan(config)
         self.timings: list[dict[str, float]] = []
+        self.seconds: list[float] = []
         self._round: tuple[int, list[int], torch.Tensor, float] | None = None
         unknown = self.fed.attack.needs - KNOWLEDGE
         if unknown:
             raise ConfigError(f"attack.kind: '{config.attack.kind}' needs {sorted(unknown)}, which the server does "
-                                  f"not provide; it provides: {', '.join(sorted(KNOWLEDGE))}")
+                              f"not provide; it provides: {', '.join(sorted(KNOWLEDGE))}")
         self.previous_update: torch.Tensor | None = None  # the last global update (G_r - G_{r-1})
-        self._open(resume)
+        if out is not None:  # None: a dry run that builds and checks everything and writes nothing
+            self._open(resume)
 
     def _open(self, resume: bool) -> None:
         out, config = self.out, self.config
-        if (out / "meta.json").exists():
+        if out.exists() and not out.is_dir():
+            raise CheckpointError(f"--out: {out} exists and is not a directory; choose a directory")
+        if (out / META).exists() or (out / META).is_symlink():
             if not resume:
                 raise CheckpointError(
                     f"--out: {out} already holds a run; pass --resume to continue it or choose a new --out")
             ckpt = load_checkpoint(out, require_complete=False)
             if training_fields(ckpt.meta["config"]) != training_fields(config.model_dump(mode="json")):
                 raise CheckpointError(f"--resume: {out} was started with a different config; use a new --out")
+            remove_leftovers(out, ckpt.meta)
+            for key, alias in ALIASES.items():
+                refresh_alias(out, ckpt.meta[key], alias)
+            self.seconds = list(ckpt.meta["seconds_per_round"])
             if ckpt.complete:
                 self.finished = ckpt
                 self.start_round = config.training.rounds + 1
@@ -115,11 +139,22 @@ class Server:
             self.aggregator.load_state_dict({k: v for k, v in saved.items() if not k.startswith(SERVER_STATE)})
             self.previous_update = saved.get(SERVER_STATE + PREVIOUS_GLOBAL_UPDATE)
             self.history = ckpt.history[: ckpt.round]
-            self.writer.files = dict(ckpt.meta["files"])
-            self.writer.captures = list(ckpt.meta.get("captures", []))
+            self.writer.resume_from(ckpt)
             self.start_round = ckpt.round + 1
-        elif resume and out.exists() and any(out.iterdir()):
-            raise CheckpointError(f"--resume: {out} holds no flsec run (no meta.json)")
+            return
+        if out.exists() and any(out.iterdir()):
+            if not only_flsec_leftovers(out):
+                what = "holds no flsec run (no meta.json)" if resume else "is not empty and holds no flsec run"
+                raise CheckpointError(f"--out: {out} {what}; choose an empty or new directory")
+            remove_leftovers(out, None)  # a run killed before its first commit: start it afresh
+        # Round 0: the initial model is committed first, so a run killed at any later point resumes.
+        self.writer.commit_round(0, self.model, self.aggregator.state_dict(), [], self._meta_extra(), complete=False)
+
+    def _meta_extra(self) -> dict[str, Any]:
+        return {"malicious_ids": sorted(self.fed.malicious), "seconds_per_round": list(self.seconds),
+                "input_spec": dataclasses.asdict(self.fed.spec),
+                "runtime": {"device": "cpu", "threads": torch.get_num_threads(),
+                            "precision": self.config.runtime.precision}}
 
     @property
     def rounds(self) -> range:
@@ -165,9 +200,18 @@ class Server:
             if rep.capture is not None:
                 self.writer.write_capture(r, rep.client, rep.capture.sent, rep.capture.truth, rep.capture.meta)
         updates = [rep.update for rep in replies]
+        stack = torch.stack(updates)
+        finite = torch.isfinite(stack).all(dim=1)
+        if not bool(finite.any()):
+            raise TrainingDivergedError(f"round {r}: every client update ({len(updates)}) holds NaN or Inf, so "
+                                        f"training diverged; lower training.lr (now {self.config.training.lr}). Rounds "
+                                        f"up to {r - 1} are saved")
         t_agg = time.perf_counter()
-        result = self.aggregator(torch.stack(updates), torch.tensor([rep.num_samples for rep in replies]), selected)
+        result = self.aggregator(stack, torch.tensor([rep.num_samples for rep in replies]), selected)
         new_global = global_flat + self.config.training.server_lr * result.update
+        if not bool(torch.isfinite(new_global).all()):
+            raise TrainingDivergedError(f"round {r}: the aggregated model ({self.config.aggregation.name}) holds NaN or "
+                                        f"Inf; training diverged. Rounds up to {r - 1} are saved")
         set_flat(self.model, new_global)
         self.previous_update = new_global - global_flat
         t_eval = time.perf_counter()
@@ -175,23 +219,25 @@ class Server:
         record = {
             "round": r,
             "ma": round(metrics["ma"], 6),
-            "asr": round(metrics["asr"], 6),
+            "asr": round(metrics["asr"], 6) if math.isfinite(metrics["asr"]) else None,
             "train_loss": round(float(np.mean([rep.loss for rep in replies])), 6),
             "selected": selected,
             "attackers": [c for c in selected if self.fed.attacking(c, r)],
             "weights": [round(float(w), 6) for w in result.weights],
             "update_norms": [round(float(u.norm()), 6) for u in updates],
         }
+        if record["asr"] is None:
+            record["asr_status"] = "undefined: no test image to measure it on (see the ASR definition)"
+        if not bool(finite.all()):
+            record["non_finite_updates"] = [c for c, ok in zip(selected, finite.tolist(), strict=True) if not ok]
         record.update({k: _rounded(v) for k, v in metrics.items() if k not in record})
         record["rounds_since_attack"] = rounds_since_attack([*self.history, record])
         self.history.append(record)
         t_commit = time.perf_counter()
         timing = {"clients": t_clients - t_begin, "aggregation": t_eval - t_agg, "evaluation": t_commit - t_eval}
-        self.writer.commit_round(r, self.model, self._state(), self.history,
-                                 {"malicious_ids": sorted(self.fed.malicious),
-                                  "durability": durability(self.history),
-                                  "seconds_per_round": [sum(t.values()) for t in [*self.timings, timing]],
-                                  "input_spec": dataclasses.asdict(self.fed.spec)},
+        self.seconds.append(sum(timing.values()))
+        fault_point("round:before_commit")
+        self.writer.commit_round(r, self.model, self._state(), self.history, self._meta_extra(),
                                  complete=r == self.config.training.rounds)
         timing["captures_and_commit"] = time.perf_counter() - t_commit + (t_agg - t_clients)
         self.timings.append(timing)
@@ -203,10 +249,12 @@ class Server:
 
 
 def _rounded(value: Any) -> Any:
-    """A metric for history.jsonl: floats to 6 decimals, lists element-wise."""
+    """A metric for history.jsonl: floats to 6 decimals (None where undefined), lists element-wise."""
     if isinstance(value, list):
         return [_rounded(v) for v in value]
-    return round(float(value), 6) if isinstance(value, float) else value
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None  # history.jsonl is strict JSON
+    return value
 
 
 def train(
@@ -217,18 +265,45 @@ def train(
     on_round_end: RoundCallback | None = None,
 ) -> Checkpoint:
     """Run (or resume) a federated training experiment into the run directory ``out``, with the
-    clients of each round run in this process by the configured client engine."""
-    server = Server(config, Path(out), resume)
-    if server.finished is not None:
-        return server.finished
-    clients = CLIENT_ENGINES.get(config.runtime.client_engine)(server.fed)
-    bar = tqdm(server.rounds, initial=server.start_round - 1, total=config.training.rounds,
-               desc=f"train {config.aggregation.name}", disable=not progress, unit="round", dynamic_ncols=True)
-    for r in bar:
-        tasks = server.begin_round(r)
-        record = server.finish_round(r, clients.run(tasks))
-        bar.set_postfix(ma=f"{record['ma']:.3f}", asr=f"{record['asr']:.3f}")
-        if on_round_end is not None:
-            on_round_end(r, record)
-    bar.close()
-    return server.checkpoint()
+    clients of each round run in this process by the configured client engine (``runtime.engine =
+    "flower"``: on Flower's simulation engine, see :mod:`flsec.flower.engine`). The directory is
+    locked for the duration: a second process writing it is refused."""
+    with locked_dir(Path(out)):
+        if config.runtime.engine == "flower":
+            from flsec.flower.engine import train_on_flower
+
+            return train_on_flower(config, Path(out), resume, progress, on_round_end)
+        server = Server(config, Path(out), resume)
+        if server.finished is not None:
+            return server.finished
+        clients = CLIENT_ENGINES.get(config.runtime.client_engine)(server.fed)
+        bar = tqdm(server.rounds, initial=server.start_round - 1, total=config.training.rounds,
+                   desc=f"train {config.aggregation.name}", disable=not progress, unit="round", dynamic_ncols=True)
+        for r in bar:
+            tasks = server.begin_round(r)
+            record = server.finish_round(r, clients.run(tasks))
+            bar.set_postfix(ma=f"{record['ma']:.3f}", asr=fmt_rate(record["asr"]))
+            if on_round_end is not None:
+                on_round_end(r, record)
+        bar.close()
+        return server.checkpoint()
+
+
+def describe(config: ExperimentConfig) -> dict[str, Any]:
+    """Build the whole experiment (data, partition, model, attackers, aggregator) without training or
+    writing anything, and summarise it: what ``flsec check`` prints."""
+    server = Server(config, None)
+    sizes = [len(s) for s in server.fed.shards]
+    return {"dataset": config.data.name, "train_images": len(server.fed.data.y_train),
+            "test_images": len(server.fed.data.y_test), "image": list(server.fed.data.image_shape),
+            "classes": server.fed.spec.num_classes, "model": config.model.name,
+            "parameters": sum(p.numel() for p in server.model.parameters()), "clients": len(sizes),
+            "clients_per_round": server.per_round, "client_images": [min(sizes), max(sizes)],
+            "rounds": config.training.rounds, "attack": config.attack.kind, "attackers": sorted(server.fed.malicious),
+            "aggregation": config.aggregation.name, "captured_rounds": sorted(server.cap_rounds),
+            "captured_clients": sorted(server.cap_clients)}
+
+
+def fmt_rate(x: float | None, digits: int = 3) -> str:
+    """A rate for display; ``n/a`` where it is undefined."""
+    return "n/a" if x is None else f"{x:.{digits}f}"

@@ -3,6 +3,7 @@ triggers and inversion all work in pixel space."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +46,27 @@ def build_model(name: str, spec: InputSpec, seed: int) -> nn.Module:
         torch.manual_seed(seed)
         model = factory(spec)
     return model
+
+
+def fits(name: str, spec: InputSpec) -> bool:
+    """Whether model ``name`` accepts ``spec``'s images and gives one score per class."""
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # e.g. "Initializing zero-element tensors" for a misfit
+            out = build_model(name, spec, 0).eval()(torch.zeros(2, spec.channels, spec.height, spec.width))
+    except (RuntimeError, ValueError, ZeroDivisionError):
+        return False
+    return tuple(out.shape) == (2, spec.num_classes)
+
+
+def check_fits(name: str, spec: InputSpec, dataset: str) -> None:
+    """A one-line error when model ``name`` cannot take ``dataset``'s images (e.g. a 28x28 network on 8x8 digits)."""
+    from flsec.errors import ConfigError
+
+    if not fits(name, spec):
+        ok = [n for n in MODELS.names() if n != name and fits(n, spec)]
+        raise ConfigError(f"model.name: '{name}' does not fit {dataset}'s {spec.channels}x{spec.height}x{spec.width} "
+                          f"images with {spec.num_classes} classes; allowed for this data: {', '.join(ok) or 'none'}")
 
 
 def output_layer_slice(model: nn.Module) -> slice:

@@ -1,0 +1,1 @@
+"""A Flower app using flsec's RobustStrategy and attacker wrapper."""
