@@ -2,8 +2,8 @@
 
 Setting: configs/mnist_defense.toml (real MNIST from ../shared/data, 20 clients, Dirichlet(0.5), every
 client in every round, aggregation.f = the number of attackers), scaled to the compute budget: 2,000
-train / 500 test images and 10 rounds. The attackers attack in rounds 1-7 and stop, so every run
-gives the ASR when the attack stops (round 7) and its durability 3 rounds later (round 10). All pixel
+train / 500 test images and 8 rounds. The attackers attack in rounds 1-6 and stop, so every run
+gives the ASR when the attack stops (round 6) and its durability 2 rounds later (round 8). All pixel
 backdoors use a 4x4 checkerboard (so that DBA can split it into 2 or 4 row bands).
 
     .venv/bin/python benchmarks/attack_matrix.py [--data-dir ../shared/data] [--jobs 2] [--threads 2]
@@ -97,8 +97,8 @@ def main() -> None:
     ap.add_argument("--data-dir", default=str(default_data_dir()))
     ap.add_argument("--train-size", type=int, default=2000)
     ap.add_argument("--test-size", type=int, default=500)
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--attack-rounds", type=int, default=7, help="attackers attack in rounds 1..N")
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--attack-rounds", type=int, default=6, help="attackers attack in rounds 1..N")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None, help="CPU threads in all (default: every core)")
