@@ -129,7 +129,7 @@ def main() -> None:
 
     rows = [run_row(r, attacked.out, attacked.axes) for r in attacked.runs]
     clean_rows = [run_row(r, clean.out, clean.axes) for r in clean.runs]
-    report = summarise(rows, clean_rows, rules)
+    report = summarise(rows, clean_rows, rules, attacked.out)
     report["dba_parts"] = dba_parts(attacked.out, rows, rules)
     meta = {
         "command": "python benchmarks/attack_matrix.py " + " ".join(
@@ -156,7 +156,17 @@ def main() -> None:
     print(f"{meta['runs']} runs, {len(failed)} failed, {wall:.0f} s -> {out.with_suffix('.md')}")
 
 
-def summarise(rows: list[dict[str, Any]], clean_rows: list[dict[str, Any]], rules: list[str]) -> dict[str, Any]:
+def attacker_share(out: Path, row: dict[str, Any]) -> float:
+    """Mean share of the aggregate the attackers got in the rounds they attacked (aggregation weights of
+    history.jsonl; a rule that rejects them gives 0, plain averaging m / n)."""
+    hist = load_checkpoint(out / row["run_dir"]).history
+    shares = [sum(w for c, w in zip(h["selected"], h["weights"], strict=True) if c in h["attackers"])
+              for h in hist if h["attackers"]]
+    return sum(shares) / len(shares) if shares else float("nan")
+
+
+def summarise(rows: list[dict[str, Any]], clean_rows: list[dict[str, Any]], rules: list[str],
+              out: Path) -> dict[str, Any]:
     done = [r for r in rows if r["status"] == "complete"]
     cells = []
     for rule in rules:
@@ -167,7 +177,8 @@ def summarise(rows: list[dict[str, Any]], clean_rows: list[dict[str, Any]], rule
                 cells.append({"rule": rule, "attack": attack, "attackers": m, "runs": len(sel),
                               "asr_at_stop": mean_std([r["asr_at_stop"] for r in sel]),
                               "asr_final": mean_std([r["asr"] for r in sel]),
-                              "ma_final": mean_std([r["ma"] for r in sel])})
+                              "ma_final": mean_std([r["ma"] for r in sel]),
+                              "attacker_share": mean_std([attacker_share(out, r) for r in sel])})
     clean = {}
     for rule in rules:
         sel = [r for r in clean_rows if r["aggregation.name"] == rule and r["status"] == "complete"]
@@ -236,11 +247,14 @@ def markdown(meta: dict[str, Any], report: dict[str, Any], stem: str) -> str:
         f"Durability, the same {meta['rounds'] - meta['attack_rounds']} rounds after the attack stopped:", "",
         f"![ASR at the end]({stem}_asr_final.png)", "",
         "## ASR when the attack stops / at the end, and final MA", "",
-        "| rule | attack | attackers | ASR at stop | ASR at end | MA at end |", "|---|---|---|---|---|---|",
+        "'Attackers' share': the attackers' total aggregation weight in the rounds they attack (what the rule "
+        "gave them; plain averaging gives 10% to 2 and 20% to 4 of 20).", "",
+        "| rule | attack | attackers | ASR at stop | ASR at end | MA at end | attackers' share |",
+        "|---|---|---|---|---|---|---|",
     ]
     for c in cells:
         lines.append(f"| {c['rule']} | {c['attack']} | {c['attackers']} | {pct(c['asr_at_stop'])} | "
-                     f"{pct(c['asr_final'])} | {pct(c['ma_final'])} |")
+                     f"{pct(c['asr_final'])} | {pct(c['ma_final'])} | {pct(c['attacker_share'])} |")
     lines += ["", "## DBA: global trigger and each local part", "",
               "ASR of the assembled global trigger and of each attacker's part alone (Xie et al. 2020 evaluate both), "
               "when the attack stops / at the end.", "",
