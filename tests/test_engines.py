@@ -79,7 +79,7 @@ def test_clients_with_training_hooks_run_sequentially(tmp_path: Path, monkeypatc
         def after_step(self, model: nn.Module) -> None:
             set_flat(model, self.start)
 
-    monkeypatch.setattr(Federation, "training_hooks", lambda self, c, r: Undo() if c == 2 else None)
+    monkeypatch.setattr(Federation, "training_hooks", lambda self, c, r, knowledge=None: Undo() if c == 2 else None)
     server = Server(_uneven_config(), tmp_path / "r")
     tasks = server.begin_round(1)[:3]
     seq = CLIENT_ENGINES.get("sequential")(server.fed).run(tasks)

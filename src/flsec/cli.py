@@ -1,4 +1,4 @@
-"""Command line: ``flsec train | invert | unlearn | run | demo | report | verify``.
+"""Command line: ``flsec train | invert | unlearn | run | demo | sweep | report | verify``.
 
 A user error (bad config, option or input file) prints one line (``error: ...``) and exits with
 code 2; an I/O failure (read-only or full disk, ...) prints one line and exits with code 1; Ctrl-C
@@ -215,6 +215,34 @@ def demo(
         cfg = build_config(read_toml(Path(path)))
     report = run_pipeline(cfg, out, progress=not quiet)
     _print_run(out, report)
+
+
+@app.command()
+def sweep(
+    grid: Annotated[Path, typer.Option("--grid", "-g", help="TOML file: [grid] of quoted dotted config paths -> lists")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="sweep directory (re-run to resume)")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="seeds per cell: config seed, seed + 1, ...")] = 1,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="runs trained in parallel processes")] = 1,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads in all (default: every core), "
+                                                "split between the jobs")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Train every cell of a grid for several seeds; results.csv, summary.md, heatmaps and index.html."""
+    from flsec.config import apply_overrides, load_grid, read_toml
+    from flsec.errors import FlsecError
+    from flsec.sweep import run_sweep
+
+    base = apply_overrides(read_toml(config) if config is not None else {}, set_ or [])
+    first = int(base.get("seed", 0)) if isinstance(base.get("seed", 0), int) else 0
+    result = run_sweep(base, load_grid(grid), list(range(first, first + seeds)), out, jobs=jobs, threads=threads,
+                       progress=not quiet)
+    typer.echo(f"{len(result.runs)} runs in {len(result.cells)} cells: {result.trained} trained, {result.skipped} "
+               f"already finished, {len(result.failed)} failed -> {(out / 'index.html').resolve()}")
+    if result.failed:
+        run, message = result.failed[0]
+        raise FlsecError(f"{len(result.failed)} run(s) failed; first: {run.cell.id} seed {run.seed}: {message}")
 
 
 @app.command()

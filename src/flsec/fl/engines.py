@@ -70,7 +70,8 @@ class VectorisedClients:
         replies: dict[int, ClientReply] = {}
         plain = []
         for task in tasks:
-            if fed.training_hooks(task.client, task.round) is not None:
+            # An attacker (its own data, local spec and hooks) or a hooked client: the reference path.
+            if fed.attacking(task.client, task.round) or fed.training_hooks(task.client, task.round) is not None:
                 replies[task.client] = run_client(fed, self.model, task)
             else:
                 plain.append(task)

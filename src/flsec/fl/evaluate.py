@@ -1,13 +1,11 @@
 """Main-task accuracy and attack success rate (DESIGN.md definitions).
 
-A federation evaluates the global model every round on the same images, so :class:`TestSets` builds
-the clean test set and the attack set (triggered non-target images, or the source class under label
-flipping) once, on the device the model lives on, and :func:`evaluate` only runs forward passes.
+Every function runs its forward passes on the model's device in small batches; the federation moves
+its test set to that device once (:meth:`flsec.fl.federation.Federation.test_set`) and each attack
+measures its own success on it (:meth:`flsec.attacks.base.Attack.evaluate`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -58,24 +56,6 @@ def target_rate(model: nn.Module, x: torch.Tensor, target: int) -> float:
     if not len(x):
         return float("nan")
     return float((predict(model, x) == target).float().mean())
-
-
-@dataclass(frozen=True)
-class TestSets:
-    """The clean test set (``x``, ``y``) and the attack set whose share classified as ``target`` is the ASR."""
-
-    x: torch.Tensor
-    y: torch.Tensor
-    x_attack: torch.Tensor
-    target: int
-
-    def to(self, device: torch.device) -> TestSets:
-        return TestSets(self.x.to(device), self.y.to(device), self.x_attack.to(device), self.target)
-
-
-def evaluate(model: nn.Module, sets: TestSets) -> dict[str, float]:
-    """``{"ma", "asr"}`` of ``model`` on prepared test sets."""
-    return {"ma": main_accuracy(model, sets.x, sets.y), "asr": target_rate(model, sets.x_attack, sets.target)}
 
 
 def _device(model: nn.Module) -> torch.device:

@@ -21,8 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from flsec.aggregation import AggregationContext, build_aggregator, params_from_config
+from flsec.attacks.base import KNOWLEDGE, PREVIOUS_GLOBAL_UPDATE
+from flsec.attacks.durability import rounds_since_attack
 from flsec.config import ExperimentConfig
-from flsec.errors import CheckpointError, FlsecError
+from flsec.errors import CheckpointError, ConfigError, FlsecError
 from flsec.faults import fault_point
 from flsec.fl.checkpoint import (
     ALIASES,
@@ -42,6 +44,9 @@ from flsec.fl.rounds import AGGREGATE, SELECT, ClientReply, ClientTask
 from flsec.lock import locked_dir
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
+
+# The server's own resume state travels in the state file next to the aggregator's, under this prefix.
+SERVER_STATE = "server."
 
 
 class TrainingDivergedError(FlsecError):
@@ -97,6 +102,11 @@ class Server:
         self._saving = 0.0
         self.seconds: list[float] = []
         self._round: tuple[int, list[int], torch.Tensor, float] | None = None
+        unknown = self.fed.attack.needs - KNOWLEDGE
+        if unknown:
+            raise ConfigError(f"attack.kind: '{config.attack.kind}' needs {sorted(unknown)}, which the server does "
+                              f"not provide; it provides: {', '.join(sorted(KNOWLEDGE))}")
+        self.previous_update: torch.Tensor | None = None  # the last global update (G_r - G_{r-1})
         if out is not None:  # None: a dry run that builds and checks everything and writes nothing
             self._open(resume)
 
@@ -121,9 +131,12 @@ class Server:
                 return
             state = ckpt.state()
             self.model.load_state_dict({k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")})
-            self.aggregator.load_state_dict(
-                {k[len("aggregator/"):]: v.to(self.aggregation_device)
-                 for k, v in state.items() if k.startswith("aggregator/")})
+            saved = {k[len("aggregator/"):]: v for k, v in state.items() if k.startswith("aggregator/")}
+            self.aggregator.load_state_dict({k: v.to(self.aggregation_device) for k, v in saved.items()
+                                             if not k.startswith(SERVER_STATE)})
+            self.previous_update = saved.get(SERVER_STATE + PREVIOUS_GLOBAL_UPDATE)
+            if self.previous_update is not None:
+                self.previous_update = self.previous_update.to(self.fed.runtime.device)
             self.history = ckpt.history[: ckpt.round]
             self.writer.resume_from(ckpt)
             self.start_round = ckpt.round + 1
@@ -164,8 +177,23 @@ class Server:
         t_begin = time.perf_counter()
         self._saving = t_begin - t0
         self._round = (r, selected, global_flat, t_begin)
+        knowledge = self.attacker_knowledge()
         return [ClientTask(c, r, global_flat, len(selected), attackers,
-                           capture=r in self.cap_rounds and c in self.cap_clients) for c in selected]
+                           capture=r in self.cap_rounds and c in self.cap_clients,
+                           knowledge=knowledge if self.fed.attacking(c, r) else {}) for c in selected]
+
+    def attacker_knowledge(self) -> dict[str, torch.Tensor]:
+        """The server-side quantities the attack asked for (``Attack.needs``) that exist by now."""
+        out: dict[str, torch.Tensor] = {}
+        if PREVIOUS_GLOBAL_UPDATE in self.fed.attack.needs and self.previous_update is not None:
+            out[PREVIOUS_GLOBAL_UPDATE] = self.previous_update
+        return out
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        state = dict(self.aggregator.state_dict())
+        if PREVIOUS_GLOBAL_UPDATE in self.fed.attack.needs and self.previous_update is not None:
+            state[SERVER_STATE + PREVIOUS_GLOBAL_UPDATE] = self.previous_update
+        return state
 
     def finish_round(self, r: int, replies: Sequence[ClientReply]) -> dict[str, Any]:
         """Store captures, aggregate the replies (in client-id order), evaluate and commit round ``r``."""
@@ -202,6 +230,7 @@ class Server:
                                         f"Inf; training diverged. Rounds up to {r - 1} are saved")
         set_flat(self.model, new_global)
         _sync(self.fed.runtime.device)
+        self.previous_update = new_global - global_flat
         t_eval = time.perf_counter()
         metrics = self.fed.evaluate(self.model)
         record = {
@@ -220,13 +249,15 @@ class Server:
             record["asr_status"] = "undefined: no test image to measure it on (see the ASR definition)"
         if not bool(finite.all()):
             record["non_finite_updates"] = [c for c, ok in zip(selected, finite.tolist(), strict=True) if not ok]
+        record.update({k: _rounded(v) for k, v in metrics.items() if k not in record})
+        record["rounds_since_attack"] = rounds_since_attack([*self.history, record])
         self.history.append(record)
         t_commit = time.perf_counter()
         timing = {"local_training": t_clients - t_begin - attack, "attack": attack, "aggregation": t_eval - t_agg,
                   "evaluation": t_commit - t_eval}
         self.seconds.append(sum(timing.values()))
         fault_point("round:before_commit")
-        self.writer.commit_round(r, self.model, self.aggregator.state_dict(), self.history, self._meta_extra(),
+        self.writer.commit_round(r, self.model, self._state(), self.history, self._meta_extra(),
                                  complete=r == self.config.training.rounds)
         timing["capture_and_save"] = time.perf_counter() - t_commit + (t_agg - t_clients) + self._saving
         self.timings.append(timing)
@@ -257,6 +288,15 @@ def _sync(device: torch.device) -> None:
     """Wait for queued GPU work, so that wall-clock timings are attributed to the right part."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def _rounded(value: Any) -> Any:
+    """A metric for history.jsonl: floats to 6 decimals (None where undefined), lists element-wise."""
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None  # history.jsonl is strict JSON
+    return value
 
 
 def train(
