@@ -6,8 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from flsec.config import ExperimentConfig, build_config
+
+# Property tests draw the same examples on every run (a CI failure reproduces locally).
+settings.register_profile("flsec", derandomize=True, print_blob=True)
+settings.load_profile("flsec")
 
 torch.set_num_threads(2)
 
