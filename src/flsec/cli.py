@@ -60,27 +60,49 @@ def invert(
     lr: Annotated[float, typer.Option("--lr", min=1e-12, help="step size")] = 0.1,
     tv: Annotated[float, typer.Option("--tv", min=0.0, help="total-variation weight")] = 1e-4,
     seed: Annotated[int, typer.Option("--seed", help="seed of the random initialisations")] = 0,
+    max_images: Annotated[int, typer.Option("--max-images", min=1, help="most images reconstructed from one "
+                                            "update (a larger update is inverted into this many)")] = 16,
+    labels: Annotated[str, typer.Option("--labels", help="label strategy: llg or bias-corrected")] = "llg",
+    boost: Annotated[str, typer.Option("--boost-correction", help="norm (undo an estimated boost) or none")] = "norm",
+    space: Annotated[str, typer.Option("--space", help="pixel or normalised (the authors' code)")] = "pixel",
+    init: Annotated[str, typer.Option("--init", help="uniform or normal")] = "uniform",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Phase 2: reconstruct the images behind captured client gradients/updates (Ctrl-C keeps the best so far)."""
+    """Phase 2: reconstruct the images behind captured client gradients/updates (Ctrl-C stops; re-run resumes)."""
     from flsec.errors import ConfigError
     from flsec.inversion.attack import run_inversion
     from flsec.inversion.methods import METHODS, InversionSettings
 
     if method not in METHODS:
         raise ConfigError(f"--method: unknown '{method}'; allowed: {', '.join(METHODS.names())}")
-    settings = InversionSettings(iterations, restarts, lr, tv, seed, progress=not quiet)
+    try:
+        settings = InversionSettings(iterations, restarts, lr, tv, seed, progress=not quiet, space=space, init=init,
+                                     max_images=max_images, label_strategy=labels, boost_correction=boost)
+    except ValueError as exc:
+        flag = {"space": "--space", "init": "--init", "label_strategy": "--labels",
+                "boost_correction": "--boost-correction", "max_images": "--max-images"}
+        name = str(exc).split(":", 1)[0]
+        raise ConfigError(f"{flag.get(name, name)}:{str(exc).split(':', 1)[1]}") from None
     report = run_inversion(checkpoint, out, round_=round_, client=client, kind=target, method=method,
                            every=every, settings=settings)
     s = report["summary"]
     trig = s["mean_trigger_correlation"]
-    typer.echo(f"{s['images']} images: PSNR {s['mean_psnr']:.2f} dB  SSIM {s['mean_ssim']:.3f}  "
-               f"labels {100 * s['label_accuracy']:.0f}%"
+    p = s["psnr_stats"]
+    of = f" of {s['true_images']}" if s["surrogate_targets"] else ""
+    typer.echo(f"{s['images']}{of} images: PSNR mean {p['mean']:.2f} / median {p['median']:.2f} / best "
+               f"{p['best']:.2f} dB  SSIM {s['mean_ssim']:.3f}  labels {100 * s['label_accuracy']:.0f}%"
                + (f"  trigger corr {trig:.2f}" if trig is not None else "")
                + f"  ({s['seconds_per_image']:.1f} s/image) -> {out / 'reconstructed_images'}")
+    if s["surrogate_targets"]:
+        typer.echo(f"{s['surrogate_targets']} update(s) cover more images than --max-images {max_images}: each was "
+                   f"inverted into {max_images} images (a surrogate replay), scored against their best-matching "
+                   "true images")
     if s["uninformative_targets"]:
         typer.echo(f"skipped {s['uninformative_targets']} capture(s) whose gradient is exactly zero (samples the model "
                    "already fits perfectly carry no information); see metrics.json")
+    if s["non_finite_targets"] or s["diverged_targets"]:
+        typer.echo(f"skipped {s['non_finite_targets']} capture(s) holding NaN/Inf values and "
+                   f"{s['diverged_targets']} whose inversion objective never became finite; see metrics.json")
 
 
 @app.command()
@@ -183,8 +205,9 @@ def main() -> None:
     except FlsecError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        typer.echo("interrupted; finished rounds/phases are saved, re-run with --resume to continue", err=True)
+    except KeyboardInterrupt as exc:
+        typer.echo(str(exc) if str(exc) else
+                   "interrupted; finished rounds/phases are saved, re-run with --resume to continue", err=True)
         sys.exit(130)
 
 
