@@ -125,7 +125,8 @@ def test_no_trigger_found_gives_null_iou_with_status_and_defender_holdings(train
         {"round": 1, "client": 3, "kind": "update", "status": "ok", "num_samples": 300, "surrogate": True},
         {"round": 2, "client": 4, "kind": "update", "status": "ok", "num_samples": 4, "surrogate": False}]})
     res = unlearning_run.run_unlearning(trained_run, tmp_path / "inv", tmp_path / "out",
-                                        FinetuneSettings(steps=2, progress=False), baselines=False, progress=False)
+                                        FinetuneSettings(steps=2, progress=False), baselines=False, progress=False,
+                                        trigger_source="verification")
     saved = _strict(tmp_path / "out" / "metrics.json")
     v = saved["verification"]
     assert not res["unlearned"] and v["mask_iou_with_true_trigger"] is None and v["mask_iou_status"] != "ok"
@@ -133,3 +134,53 @@ def test_no_trigger_found_gives_null_iou_with_status_and_defender_holdings(train
     assert held["reconstructions"] == 12 and held["clean_images"] == 0 and held["estimated_trigger"] is None
     assert [(c["round"], c["client"], c["reconstructions"], c["images_in_update"]) for c in held["captures"]] == [
         (1, 3, 8, 300), (2, 4, 4, 4)]
+
+
+def nc_anomaly_index(l1: list[float]) -> list[float]:
+    """Neural Cleanse's mad_outlier_detection.py: consistency constant 1.4826, deviation over MAD."""
+    import numpy as np
+
+    arr = np.asarray(l1)
+    median = np.median(arr)
+    mad = 1.4826 * np.median(np.abs(arr - median))
+    return list(np.abs(arr - median) / mad)
+
+
+def test_anomaly_index_matches_neural_cleanse() -> None:
+    from flsec.unlearning.reverse import anomaly_indices
+
+    rng = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        l1 = (torch.rand(10, generator=rng) * 50 + 5).tolist()
+        assert anomaly_indices(__import__("numpy").asarray(l1)).tolist() == pytest.approx(nc_anomaly_index(l1))
+
+
+class _Planted(torch.nn.Module):
+    """A linear classifier on 8x8 images with a planted backdoor: a 2x2 white patch at the
+    bottom-right sends any image to class 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.w = torch.nn.Parameter(torch.randn(10, 64, generator=g), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = 4 * x.flatten(1) @ self.w.T
+        patch = x[:, 0, 6:8, 6:8].flatten(1).sum(dim=1)
+        return logits + torch.nn.functional.one_hot(torch.zeros(len(x), dtype=torch.long), 10) * 200 * (patch - 3.2)[:, None]
+
+
+def test_neural_cleanse_finds_the_planted_trigger() -> None:
+    from flsec.unlearning.reverse import ReverseSettings, neural_cleanse
+    from flsec.unlearning.verify import mask_iou
+
+    model = _Planted()
+    g = torch.Generator().manual_seed(2)
+    protos = 0.5 + 0.25 * model.w.detach().repeat_interleave(6, dim=0)  # 6 clear carriers per class
+    carriers = (protos + 0.05 * torch.randn(protos.shape, generator=g)).clamp(0, 1).view(-1, 1, 8, 8)
+    carriers[:, :, 6:8, 6:8] = 0.0
+    res = neural_cleanse(model, carriers, 10, ReverseSettings(steps=200))
+    true = torch.zeros(1, 8, 8, dtype=torch.bool)
+    true[0, 6:8, 6:8] = True
+    assert res.target == 0 and res.report["anomaly_index"][0] > 2
+    assert res.estimate is not None and mask_iou(res.estimate.mask, true) >= 0.5

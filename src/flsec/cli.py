@@ -108,7 +108,8 @@ def invert(
 @app.command()
 def unlearn(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="run directory written by `flsec train`")],
-    images: Annotated[Path, typer.Option("--images", help="reconstructed_images/ (or its parent) from `flsec invert`")],
+    images: Annotated[Path, typer.Option("--images", help="the `flsec invert` output folder (reconstructions.safetensors), "
+                                         "or a folder of PNGs such as its reconstructed_images/")],
     out: Annotated[Path, typer.Option("--out", "-o", help="where the repaired checkpoint and metrics go")],
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="fine-tuning steps (default: config)")] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=1e-12, help="fine-tuning step size (default: config)")] = None,
@@ -124,7 +125,8 @@ def unlearn(
     cfg = load_checkpoint(checkpoint).config
     settings = settings_from(cfg.unlearning, cfg.seed, not quiet)
     settings = replace(settings, steps=steps or settings.steps, lr=lr or settings.lr)
-    res = run_unlearning(checkpoint, images, out, settings, baselines=baselines, progress=not quiet)
+    res = run_unlearning(checkpoint, images, out, settings, baselines=baselines, progress=not quiet,
+                         retrain=cfg.unlearning.retrain_baseline)
     _print_unlearning(res)
 
 
@@ -133,7 +135,8 @@ def _print_unlearning(res: dict) -> None:
     if "suspected_target" in v:
         typer.echo(f"verification: backdoor {'found' if v['backdoor_found'] else 'not confirmed'}, suspected target "
                    f"{v['suspected_target']}, {v['suspects']}/{v['reconstructions']} suspects, "
-                   f"trigger-mask IoU {v['mask_iou_with_true_trigger']:.2f}")
+                   f"trigger-mask IoU "
+                   + ("n/a" if v.get("mask_iou_with_true_trigger") is None else f"{v['mask_iou_with_true_trigger']:.2f}"))
     else:
         typer.echo(f"verification: no backdoor found in {v['reconstructions']} reconstructions ({v['reason']}); "
                    "model left unchanged")

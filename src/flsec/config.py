@@ -201,6 +201,12 @@ class UnlearningConfig(_Section):
     augment_shift: int = Field(2, ge=0, description="random translation in pixels")
     augment_noise: float = Field(0.05, ge=0, description="std of added Gaussian pixel noise")
     baselines: bool = Field(True, description="also run plain fine-tuning and retraining without attackers")
+    retrain_baseline: bool = Field(True, description="with baselines: include retraining without the attackers "
+                                                     "(as long as phase 1 again)")
+    trigger_source: Literal["auto", "verification", "reverse"] = Field(
+        "auto", description="how the trigger is estimated: from what the reconstructions show (verification), by "
+                            "Neural Cleanse reverse engineering on them (reverse), or auto = verification, then "
+                            "reverse engineering when the reconstructions show no trigger")
 
 
 class RuntimeConfig(_Section):

@@ -44,5 +44,6 @@ def run_pipeline(config: ExperimentConfig, out: Path, progress: bool = True,
 
     if not (unl_dir / "metrics.json").exists():
         run_unlearning(train_dir, inv_dir, unl_dir, settings_from(config.unlearning, config.seed, progress),
-                       baselines=config.unlearning.baselines, progress=progress, device=device)
+                       baselines=config.unlearning.baselines, progress=progress, device=device,
+                       retrain=config.unlearning.retrain_baseline)
     return write_report(out)

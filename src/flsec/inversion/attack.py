@@ -105,7 +105,8 @@ def build_case(ckpt: Checkpoint, target: Target, settings: InversionSettings | N
     if target.kind == "update":
         n = int(meta["num_samples"])
         case: Case = UpdateCase(model, observed, n, meta["epochs"], meta["batch_size"], meta["lr"],
-                                meta["momentum"], meta["weight_decay"], images=min(n, settings.max_images))
+                                meta["momentum"], meta["weight_decay"], images=min(n, settings.max_images),
+                                surrogate_steps=settings.surrogate_steps)
     else:
         case = GradientCase(model, observed, int(target.kind.removeprefix("gradient_b")))
     return case, model
@@ -125,8 +126,7 @@ def invert_one(ckpt: Checkpoint, target: Target, method: str, settings: Inversio
     ``metrics["status"]``: ``ok``; ``all_zero`` (the gradient is exactly zero: a sample the model
     fits perfectly, e.g. a triggered input of a saturated backdoor, carries nothing to invert);
     ``non_finite_update`` (NaN/Inf in what the client sent); ``diverged`` (the objective was never
-    finite). Only ``ok`` captures carry images."""
-    invert = METHODS.get(method)
+    finite). Only ``ok`` captures carry images. Ctrl-C raises KeyboardInterrupt."""
     case, model = build_case(ckpt, target, settings, device)
     malicious = target.client in ckpt.meta.get("malicious_ids", [])
     observed_norm = float(case.observed.double().norm())
@@ -135,31 +135,17 @@ def invert_one(ckpt: Checkpoint, target: Target, method: str, settings: Inversio
     if observed_norm == 0.0:
         return _skipped(target, "all_zero", observed_norm, malicious)
     spec = ckpt.input_spec()
-    image_shape = (spec.channels, spec.height, spec.width)
     _, meta = ckpt.capture(target.round, target.client)
-    boost: dict[str, Any] = {"applied": 1.0}
+    est = None
     if target.kind == "update":
         record = next((h for h in ckpt.history if h.get("round") == target.round), None)
         est = norm_ratio(observed_norm, record, target.client)
-        boost = {"norm_estimate": est, "applied": applied_factor(est, settings.boost_threshold)
-                 if settings.boost_correction == "norm" else 1.0}
-    strategy = settings.label_strategy
-    bias = case.output_bias_gradient().detach() / boost["applied"]
-    counts = infer_counts(model, bias, case.num_samples, image_shape, strategy)
-    labels = candidate_labels(counts, case.num_images).to(case.observed.device)
-    shape = (case.num_images, *image_shape)
-    t0 = time.perf_counter()
-    out = invert(case, labels, shape, settings, stats=(spec.mean, spec.std))
-    seconds = time.perf_counter() - t0
-    images = out.images.detach().cpu()
-    if not math.isfinite(out.loss) or not bool(torch.isfinite(images).all()):
-        res = _skipped(target, "diverged", observed_norm, malicious)
-        res["metrics"]["interrupted"] = out.interrupted
-        return res
-    if target.kind == "update":
-        sim = case.simulate(out.images.to(case.observed.device), labels).detach()
-        boost["replay_estimate"] = replay_scale(case.observed.detach(), sim)
-        boost["true_factor"] = meta.get("boost_factor")  # evaluation only
+    att = attack_case(case, model, spec, method, settings, est)
+    if att is None:
+        return _skipped(target, "diverged", observed_norm, malicious)
+    images, labels, counts, out, boost = att
+    boost["true_factor"] = meta.get("boost_factor") if target.kind == "update" else None  # evaluation only
+    strategy, seconds = settings.label_strategy, out.seconds
     true_x, true_y, poisoned = capture_truth(ckpt, target.round, target.client, target.kind, meta)
     trigger = client_trigger(ckpt, target.client, spec.height, spec.width)
     inferred = counts_to_labels(counts)
@@ -169,12 +155,43 @@ def invert_one(ckpt: Checkpoint, target: Target, method: str, settings: Inversio
             "metrics": {**metrics, "status": "ok", "loss": out.loss, "restart_losses": out.restart_losses,
                         "iterations_done": out.iterations_done, "interrupted": out.interrupted,
                         "seconds": seconds, "seconds_per_image": seconds / case.num_images,
+                        "iterations_per_second": out.iterations_done / seconds if seconds > 0 else None,
                         "num_samples": case.num_samples, "surrogate": case.num_images < case.num_samples,
                         "label_strategy": strategy, "boost": boost,
                         "true_labels": true_y.tolist(), "inferred_counts": counts.tolist(),
                         "candidate_labels": labels.cpu().tolist(), "inferred_labels": labels.cpu().tolist(),
                         "malicious_client": malicious, "observed_norm": observed_norm,
                         "poisoned": poisoned.long().tolist()}}
+
+
+def attack_case(case: Case, model: torch.nn.Module, spec: Any, method: str, settings: InversionSettings,
+                norm_estimate: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, dict[str, Any]] | None:
+    """The attack itself on one case: undo the estimated boost, infer the label counts of the
+    case's N images, give the k candidates their share, invert, and estimate the boost again from
+    the replay. Returns (images on the CPU, candidate labels, counts, method output, boost record),
+    or None when the objective never became finite. Ctrl-C during the optimisation raises
+    KeyboardInterrupt (the best-so-far is not a finished reconstruction)."""
+    invert = METHODS.get(method)
+    image_shape = (spec.channels, spec.height, spec.width)
+    boost: dict[str, Any] = {"norm_estimate": norm_estimate, "applied": 1.0}
+    if isinstance(case, UpdateCase) and settings.boost_correction == "norm":
+        boost["applied"] = applied_factor(norm_estimate, settings.boost_threshold)
+    bias = case.output_bias_gradient().detach() / boost["applied"]
+    counts = infer_counts(model, bias, case.num_samples, image_shape, settings.label_strategy)
+    labels = candidate_labels(counts, case.num_images).to(case.observed.device)
+    t0 = time.perf_counter()
+    out = invert(case, labels, (case.num_images, *image_shape), settings, stats=(spec.mean, spec.std))
+    out.seconds = time.perf_counter() - t0
+    if out.interrupted:
+        raise KeyboardInterrupt
+    images = out.images.detach().cpu()
+    if not math.isfinite(out.loss) or not bool(torch.isfinite(images).all()):
+        return None
+    if isinstance(case, UpdateCase):
+        sim = case.simulate(out.images.to(case.observed.device), labels).detach()
+        boost["replay_estimate"] = replay_scale(case.observed.detach(), sim)
+    return images, labels.cpu(), counts, out, boost
 
 
 def checkpoint_digest(ckpt: Checkpoint) -> str:
@@ -212,11 +229,9 @@ def run_inversion(checkpoint: Path, out: Path, *, round_: int | None = None, cli
             try:
                 res = invert_one(ckpt, target, method, settings, device)
             except KeyboardInterrupt:
-                res = None
-            if res is None or res["metrics"]["interrupted"]:
                 raise InversionInterrupted(
                     f"interrupted: {n_done} of {len(targets)} captures finished and kept in {out / 'parts'}; "
-                    "run the same command again to resume")
+                    "run the same command again to resume") from None
             if res["images"] is None:
                 results.append({**asdict(target), **res["metrics"]})
                 continue

@@ -74,7 +74,9 @@ class UpdateCase:
     replay: the same number of steps, each on a batch of min(batch_size, images) candidates taken
     cyclically (breaching's ``seen_data_idx % num_candidates``). The candidates then converge to
     images whose joint update best explains the observed one: sharp where the client's data share
-    structure (a backdoor trigger), averaged where they do not.
+    structure (a backdoor trigger), averaged where they do not. ``surrogate_steps`` (0: as many as
+    the client took) shortens the surrogate replay; 1 is the first-order view of the update as one
+    gradient of the candidates (cheap: the cosine objective ignores the step size).
     """
 
     model: nn.Module
@@ -86,10 +88,13 @@ class UpdateCase:
     momentum: float = 0.0
     weight_decay: float = 0.0
     images: int | None = None
+    surrogate_steps: int = 0
 
     def __post_init__(self) -> None:
         self.model.eval()
         self.params = _params(self.model)
+        if self.surrogate_steps < 0:
+            raise ValueError(f"surrogate_steps: must be >= 0, got {self.surrogate_steps}")
         if self.images is None:
             self.images = self.num_samples
         if not 1 <= self.images <= self.num_samples:
@@ -113,7 +118,7 @@ class UpdateCase:
         if not self.surrogate:
             return [idx for _ in range(self.epochs) for idx in torch.arange(k).split(self.batch_size)]
         b = min(self.batch_size, k)
-        return [(torch.arange(b) + t * b) % k for t in range(self.steps)]
+        return [(torch.arange(b) + t * b) % k for t in range(self.surrogate_steps or self.steps)]
 
     def simulate(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """theta_T - theta_0 after replaying the client's SGD on (x, labels) (see the class docstring)."""

@@ -29,11 +29,13 @@ from flsec.registry import Registry
 
 @dataclass(frozen=True)
 class InversionSettings:
-    """How to invert: the optimisation (iterations ... init) and, for FedAvg updates, how many
-    candidates at most (``max_images``; an update over more images is inverted by a surrogate
-    replay into that many), the label strategy (``llg`` or ``bias-corrected``, see
-    :mod:`flsec.inversion.labels`) and the boost correction (``norm``: divide by the norm-ratio estimate when it
-    exceeds ``boost_threshold`` before reading label counts; see :mod:`flsec.inversion.boost`)."""
+    """How to invert: the optimisation (``iterations`` ... ``init``) and, for FedAvg updates:
+
+    * ``max_images``: most candidates; an update over more images is inverted into that many by a
+      surrogate replay of ``surrogate_steps`` steps (0: as many as the client took);
+    * ``label_strategy``: ``llg`` or ``bias-corrected`` (:mod:`flsec.inversion.labels`);
+    * ``boost_correction``: ``norm`` divides the update by its norm-ratio estimate when that exceeds
+      ``boost_threshold`` before label counts are read (:mod:`flsec.inversion.boost`)."""
 
     iterations: int = 2000
     restarts: int = 1
@@ -44,11 +46,14 @@ class InversionSettings:
     space: str = "pixel"
     init: str = "uniform"
     max_images: int = 16
+    surrogate_steps: int = 0
     label_strategy: str = "llg"
     boost_correction: str = "norm"
     boost_threshold: float = 3.0
 
     def __post_init__(self) -> None:
+        if self.surrogate_steps < 0:
+            raise ValueError(f"surrogate_steps: must be >= 0 (0: the client's own), got {self.surrogate_steps}")
         if self.max_images < 1:
             raise ValueError(f"max_images: must be >= 1, got {self.max_images}")
         if self.label_strategy not in LABEL_STRATEGIES:
@@ -101,6 +106,7 @@ class InversionOutput:
     restart_losses: list[float] = field(default_factory=list)
     iterations_done: int = 0
     interrupted: bool = False
+    seconds: float = 0.0
 
 
 Method = Callable[..., InversionOutput]  # (case, labels, shape, settings, *, stats=None) -> InversionOutput

@@ -35,6 +35,7 @@ from flsec.inversion.records import finite, write_strict_json
 from flsec.io import write_tensors
 from flsec.runtime import resolve_device
 from flsec.unlearning.finetune import FinetuneSettings, corrective_unlearning, plain_finetune
+from flsec.unlearning.reverse import ReverseSettings, neural_cleanse
 from flsec.unlearning.verify import TriggerEstimate, mask_iou, verify
 
 
@@ -89,8 +90,44 @@ def _inversion_metrics(images: Path) -> dict[str, Any]:
     return {}
 
 
+def estimate_trigger(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, source: str,
+                     seed: int) -> tuple[TriggerEstimate | None, dict[str, Any]]:
+    """The trigger estimate and the verification report. ``source``: ``verification`` (what the
+    reconstructions show, :func:`~flsec.unlearning.verify.verify`), ``reverse`` (Neural Cleanse on
+    the reconstructions as carriers, :mod:`flsec.unlearning.reverse`) or ``auto`` (verification,
+    then reverse engineering when the reconstructions are too poor to show a trigger)."""
+    report: dict[str, Any] = {}
+    est = None
+    if source in ("auto", "verification"):
+        ver = verify(model, x, y)
+        est, report = ver.estimate, {**ver.report, "trigger_source": "verification"}
+    if est is None and source in ("auto", "reverse"):
+        nc = neural_cleanse(model, x, num_classes, ReverseSettings(seed=seed))
+        report = {**report, "reverse_engineering": nc.report}
+        if nc.estimate is not None:
+            est = nc.estimate
+            report.update({"trigger_source": "neural_cleanse", "suspected_target": nc.target,
+                           "backdoor_found": True, "suspects": None, "mask_pixels": int(est.mask.sum()),
+                           "suspects_predicted_target_trigger_removed": None,
+                           "clean_reconstructions_flipped_by_estimated_trigger": _flip_rate(model, x, est, nc.target)})
+        else:
+            report.setdefault("reason", nc.report["reason"])
+    report.setdefault("reconstructions", len(x))
+    return est, report
+
+
+def _flip_rate(model: torch.nn.Module, x: torch.Tensor, est: TriggerEstimate, target: int) -> float | None:
+    from flsec.fl.evaluate import predict
+
+    others = x[predict(model, x) != target]
+    if len(others) == 0:
+        return None
+    return float((predict(model, est.to(x.device).stamp(others)) == target).float().mean())
+
+
 def run_unlearning(checkpoint: Path, images: Path, out: Path, settings: FinetuneSettings | None = None,
-                   baselines: bool = True, progress: bool = True, device: torch.device | None = None) -> dict[str, Any]:
+                   baselines: bool = True, progress: bool = True, device: torch.device | None = None,
+                   retrain: bool = True, trigger_source: str | None = None) -> dict[str, Any]:
     ckpt = load_checkpoint(checkpoint)
     device = device or resolve_device(ckpt.config.runtime.device)
     settings = settings or settings_from(ckpt.config.unlearning, ckpt.config.seed, progress)
@@ -100,10 +137,10 @@ def run_unlearning(checkpoint: Path, images: Path, out: Path, settings: Finetune
     model = ckpt.build_model().to(device)
     fed = Federation.from_config(ckpt.config)  # evaluation only (test set, true trigger)
 
-    ver = verify(model, x.to(device), y.to(device))
-    est = ver.estimate
+    source = trigger_source or ckpt.config.unlearning.trigger_source
+    est, ver_report = estimate_trigger(model, x.to(device), y.to(device), spec.num_classes, source, settings.seed)
     holdings = defender_holdings(Path(images), rec["sources"], len(x), est)
-    result: dict[str, Any] = {"checkpoint": str(checkpoint), "images": str(images), "verification": ver.report,
+    result: dict[str, Any] = {"checkpoint": str(checkpoint), "images": str(images), "verification": ver_report,
                               "settings": asdict(settings), "device": str(device),
                               "defender_holds": holdings["summary"], "defender_holdings": holdings}
     before = _cpu_eval(fed, model)
@@ -132,7 +169,8 @@ def run_unlearning(checkpoint: Path, images: Path, out: Path, settings: Finetune
         tuned = plain_finetune(model, fed.data.x_train[idx].to(device), fed.data.y_train[idx].to(device),
                                replace(settings, progress=progress))
         result["baseline_finetune"] = {**_cpu_eval(fed, tuned), "clean_images": n}
-        result["baseline_retrain"] = _retrain_without_attackers(ckpt.config, fed, progress)
+        if retrain:
+            result["baseline_retrain"] = _retrain_without_attackers(ckpt.config, fed, progress)
 
     if est is not None:
         _save_trigger(est, x, out, fed)
