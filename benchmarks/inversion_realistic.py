@@ -193,7 +193,7 @@ def main() -> None:
     ap.add_argument("--iterations", type=int, default=300)
     ap.add_argument("--trials", type=int, default=2)
     ap.add_argument("--max-images", type=int, default=16)
-    ap.add_argument("--tv", type=float, default=1e-3)
+    ap.add_argument("--tv", type=float, default=1e-2)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--late-checkpoint", default=str(ROOT / "runs" / "mnist_realistic" / "train"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "inversion_realistic"))

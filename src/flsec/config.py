@@ -147,9 +147,6 @@ class CaptureConfig(_Section):
             if sizes not in (None, []):
                 raise ValueError("capture.gradient_batch_sizes: must be [] when capture.mode = 'realistic' (a real "
                                  "FedAvg client sends only its update); use capture.mode = 'cooperative'")
-            if data.get("updates") is False:
-                raise ValueError("capture.updates: must be true when capture.mode = 'realistic' (the update is all "
-                                 "a real server receives)")
             return {**data, "gradient_batch_sizes": []}
         return data
 
