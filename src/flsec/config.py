@@ -171,6 +171,7 @@ class InversionConfig(_Section):
     max_images: int = Field(16, ge=1, le=4096, description="most images reconstructed at once from one FedAvg "
                                                           "update; an update over more is inverted into this many "
                                                           "by a surrogate replay")
+    surrogate_steps: int = Field(0, ge=0, description="steps of a surrogate replay (0: as many as the client took)")
     label_strategy: Literal["llg", "bias-corrected"] = Field(
         "llg", description="label counts from the output bias: llg (needs the update's scale) or bias-corrected "
                            "(breaching's scale-free greedy)")

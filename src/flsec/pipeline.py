@@ -23,7 +23,8 @@ from flsec.unlearning.run import run_unlearning, settings_from
 
 def inversion_settings(inv: InversionConfig, seed: int, progress: bool) -> InversionSettings:
     return InversionSettings(inv.iterations, inv.restarts, inv.lr, inv.tv_weight, seed, progress, space=inv.space,
-                             init=inv.init, max_images=inv.max_images, label_strategy=inv.label_strategy,
+                             init=inv.init, max_images=inv.max_images, surrogate_steps=inv.surrogate_steps,
+                             label_strategy=inv.label_strategy,
                              boost_correction=inv.boost_correction)
 
 
