@@ -179,7 +179,7 @@ def test_neural_cleanse_finds_the_planted_trigger() -> None:
     protos = 0.5 + 0.25 * model.w.detach().repeat_interleave(6, dim=0)  # 6 clear carriers per class
     carriers = (protos + 0.05 * torch.randn(protos.shape, generator=g)).clamp(0, 1).view(-1, 1, 8, 8)
     carriers[:, :, 6:8, 6:8] = 0.0
-    res = neural_cleanse(model, carriers, 10, ReverseSettings(steps=200))
+    res = neural_cleanse(model, carriers, 10, ReverseSettings(steps=120))
     true = torch.zeros(1, 8, 8, dtype=torch.bool)
     true[0, 6:8, 6:8] = True
     assert res.target == 0 and res.report["anomaly_index"][0] > 2
