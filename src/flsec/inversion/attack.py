@@ -28,7 +28,7 @@ from flsec.fl.checkpoint import Checkpoint, load_checkpoint, read_tensor_metadat
 from flsec.inversion.boost import applied_factor, norm_ratio, replay_scale
 from flsec.inversion.cases import Case, GradientCase, UpdateCase
 from flsec.inversion.images import save_grid, save_png
-from flsec.inversion.labels import candidate_labels, counts_to_labels, infer_counts
+from flsec.inversion.labels import candidate_labels, counts_to_labels, infer_counts, mean_softmax_along_update
 from flsec.inversion.methods import METHODS, InversionSettings
 from flsec.inversion.metrics import distribution, score
 from flsec.inversion.records import write_strict_json
@@ -178,7 +178,10 @@ def attack_case(case: Case, model: torch.nn.Module, spec: Any, method: str, sett
     if isinstance(case, UpdateCase) and settings.boost_correction == "norm":
         boost["applied"] = applied_factor(norm_estimate, settings.boost_threshold)
     bias = case.output_bias_gradient().detach() / boost["applied"]
-    counts = infer_counts(model, bias, case.num_samples, image_shape, settings.label_strategy)
+    p_bar = None
+    if isinstance(case, UpdateCase) and settings.label_strategy == "llg":
+        p_bar = mean_softmax_along_update(model, case.observed.detach() / boost["applied"], image_shape)
+    counts = infer_counts(model, bias, case.num_samples, image_shape, settings.label_strategy, p_bar)
     labels = candidate_labels(counts, case.num_images).to(case.observed.device)
     t0 = time.perf_counter()
     out = invert(case, labels, (case.num_images, *image_shape), settings, stats=(spec.mean, spec.std))

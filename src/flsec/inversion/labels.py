@@ -6,6 +6,9 @@
   grad_b = mean_n p_n - counts / B, so counts = B (p_bar - grad_b). p_bar is estimated from the
   model's softmax on random inputs; counts are rounded by largest remainder so they sum to B.
   Needs the gradient at its true scale (a boosted update must be divided by its boost first).
+  For a multi-step update, p_bar is averaged along the client's path
+  (:func:`mean_softmax_along_update`), which accounts for the model fitting the client's labels
+  during the local epoch.
 * ``bias-corrected`` (breaching's ``label_strategy = "bias-corrected"``, Geiping et al.): every
   class with a negative bias gradient is present once; the "impact" of one sample is
   m = (sum of the negative entries) / B; the remaining labels are drawn greedily from the most
@@ -34,6 +37,30 @@ def mean_softmax_on_noise(model: nn.Module, image_shape: tuple[int, ...], sample
     device = next(model.parameters()).device
     x = torch.rand((samples, *image_shape), generator=g).to(device)
     return torch.softmax(model(x), dim=1).mean(dim=0)
+
+
+@torch.no_grad()
+def mean_softmax_along_update(model: nn.Module, update: torch.Tensor, image_shape: tuple[int, ...],
+                              points: int = 5) -> torch.Tensor:
+    """p_bar averaged over the client's path: the mean softmax on noise (:func:`mean_softmax_on_noise`)
+    at ``points`` models evenly spaced on the straight line from the global weights to the weights
+    the client ended at (global + ``update``, the update with its boost undone).
+
+    First-order label counting reads the update as T steps of one mean gradient p_bar - counts / N
+    taken at the global model; but during a local epoch the model fits the client's labels, so its
+    softmax drifts towards them and the later steps' bias gradients shrink. Averaging p_bar along
+    the path (trapezoid-free mean of ``points`` samples) puts that drift into the estimate."""
+    from flsec.fl.params import get_flat, set_flat
+
+    start = get_flat(model)
+    try:
+        out = []
+        for a in torch.linspace(0.0, 1.0, points).tolist():
+            set_flat(model, start + a * update.to(start.device))
+            out.append(mean_softmax_on_noise(model, image_shape))
+    finally:
+        set_flat(model, start)
+    return torch.stack(out).mean(dim=0)
 
 
 def label_counts(bias_grad: torch.Tensor, batch_size: int, p_bar: torch.Tensor) -> torch.Tensor:
@@ -92,15 +119,18 @@ def counts_to_labels(counts: torch.Tensor) -> torch.Tensor:
 
 
 def infer_counts(model: nn.Module, bias_grad: torch.Tensor, num_samples: int, image_shape: tuple[int, ...],
-                 strategy: str = "llg") -> torch.Tensor:
-    """Label counts of the ``num_samples`` images behind an output-bias gradient (iDLG for one image)."""
+                 strategy: str = "llg", p_bar: torch.Tensor | None = None) -> torch.Tensor:
+    """Label counts of the ``num_samples`` images behind an output-bias gradient (iDLG for one image).
+    ``p_bar`` (llg): the mean softmax to use (default: the model's, on noise)."""
     bias_grad = bias_grad.detach().cpu()
     if num_samples == 1:
         counts = torch.zeros(len(bias_grad), dtype=torch.long)
         counts[idlg_label(bias_grad)] = 1
         return counts
     if strategy == "llg":
-        return label_counts(bias_grad, num_samples, mean_softmax_on_noise(model, image_shape).cpu())
+        if p_bar is None:
+            p_bar = mean_softmax_on_noise(model, image_shape)
+        return label_counts(bias_grad, num_samples, p_bar.cpu())
     if strategy == "bias-corrected":
         return bias_corrected_counts(bias_grad, num_samples)
     raise ValueError(f"label strategy: unknown '{strategy}'; allowed: {', '.join(LABEL_STRATEGIES)}")
