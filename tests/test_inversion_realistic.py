@@ -290,3 +290,20 @@ def test_replay_of_an_update_on_device_matches_cpu(trained_run: Path) -> None:
     labels = torch.zeros(8, dtype=torch.long)
     assert math.isfinite(float(case.simulate(x, labels).detach().norm()))
     set_flat(model, torch.zeros(sum(p.numel() for p in model.parameters())))
+
+
+def test_mean_softmax_along_update_follows_the_path() -> None:
+    from flsec.fl.params import get_flat
+    from flsec.inversion.labels import mean_softmax_along_update, mean_softmax_on_noise
+    from flsec.models import InputSpec, build_model
+
+    model = build_model("digits_cnn", InputSpec(1, 8, 8, 10, (0.3,), (0.4,)), 0)
+    start = get_flat(model)
+    zero = torch.zeros_like(start)
+    assert torch.allclose(mean_softmax_along_update(model, zero, (1, 8, 8)), mean_softmax_on_noise(model, (1, 8, 8)))
+    push = zero.clone()
+    push[-10] = 20.0  # the output bias of class 0 rises along the path
+    p = mean_softmax_along_update(model, push, (1, 8, 8), points=5)
+    assert torch.equal(get_flat(model), start)  # the model is left as it was
+    # Points at 0, 1/4, ..., 1: class 0 dominates from the second point on, so it holds ~4/5 of the mass.
+    assert 0.7 < float(p[0]) < 0.85 and float(p.sum()) == pytest.approx(1.0)
