@@ -35,7 +35,8 @@ from flsec.inversion.cases import GradientCase
 from flsec.inversion.labels import idlg_label
 from flsec.inversion.methods import InversionSettings, geiping
 from flsec.inversion.metrics import psnr, ssim
-from flsec.io import write_json, write_text, write_with
+from flsec.inversion.records import write_strict_json as write_json
+from flsec.io import write_text, write_with
 from flsec.models import InputSpec, build_model
 from flsec.runtime import resolve_device
 

@@ -44,7 +44,8 @@ from flsec.inversion.cases import UpdateCase
 from flsec.inversion.labels import counts_to_labels
 from flsec.inversion.methods import InversionSettings
 from flsec.inversion.metrics import distribution, score
-from flsec.io import write_json, write_text, write_with
+from flsec.inversion.records import write_strict_json as write_json
+from flsec.io import write_text, write_with
 from flsec.models import InputSpec, build_model
 
 ROOT = Path(__file__).resolve().parents[1]

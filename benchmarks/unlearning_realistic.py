@@ -37,7 +37,8 @@ from flsec.fl.checkpoint import load_checkpoint
 from flsec.fl.federation import Federation
 from flsec.fl.params import generator
 from flsec.inversion.reconstructions import read_reconstructions
-from flsec.io import write_json, write_text, write_with
+from flsec.inversion.records import write_strict_json as write_json
+from flsec.io import write_text, write_with
 from flsec.pipeline import run_pipeline
 from flsec.unlearning.finetune import corrective_unlearning, plain_finetune
 from flsec.unlearning.run import settings_from
