@@ -8,7 +8,7 @@ many candidates by a surrogate replay), infers the label counts from the output 
 boost) and is scored with Hungarian-matched PSNR/SSIM (distribution over the reconstructed images).
 
 One factor at a time around the baseline (MNIST CNN, round 1 = the untrained global model, N = 16,
-T = 5, not boosted): N in {1, 4, 16, 64, 256}, T in {1, 5, 20}, late round (the global model after
+T = 5, not boosted): N in {1, 4, 16, 64}, T in {1, 5, 20}, late round (the global model after
 20 rounds of configs/mnist_realistic.toml), boosted x10, LeNet-5 instead of the MNIST CNN.
 
     .venv/bin/python benchmarks/inversion_realistic.py --data-dir ../shared/data [--iterations 300]
@@ -51,7 +51,8 @@ from flsec.models import InputSpec, build_model
 ROOT = Path(__file__).resolve().parents[1]
 LR, MOMENTUM, BOOST = 0.05, 0.9, 10.0
 BASE = {"model": "mnist_cnn", "round": "early", "images": 16, "steps": 5, "boost": False}
-AXES: list[tuple[str, list[Any]]] = [("images", [1, 4, 16, 64, 256]), ("steps", [1, 5, 20]),
+IMAGES = [1, 4, 16, 64]
+AXES: list[tuple[str, list[Any]]] = [("images", IMAGES), ("steps", [1, 5, 20]),
                                      ("round", ["early", "late"]), ("boost", [False, True]),
                                      ("model", ["mnist_cnn", "lenet"])]
 
@@ -137,7 +138,7 @@ def finding(summary: list[dict[str, Any]], threshold: float = 18.0) -> list[str]
         return next(s for s in summary if all(s[k] == v for k, v in {**BASE, **kv}.items()))
 
     out = []
-    by_n = [(n, get(images=n)["psnr"]["median"]) for n in (1, 4, 16, 64, 256)]
+    by_n = [(n, get(images=n)["psnr"]["median"]) for n in IMAGES]
     ok = [n for n, med in by_n if med is not None and med >= threshold]
     med_txt = ", ".join(f"N={n}: {m:.1f}" for n, m in by_n if m is not None)
     if ok:
@@ -164,7 +165,7 @@ def finding(summary: list[dict[str, Any]], threshold: float = 18.0) -> list[str]
 
 def plot(summary: list[dict[str, Any]], path: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for ax, key, values in ((axes[0], "images", [1, 4, 16, 64, 256]), (axes[1], "steps", [1, 5, 20])):
+    for ax, key, values in ((axes[0], "images", IMAGES), (axes[1], "steps", [1, 5, 20])):
         rows = [next(s for s in summary if all(s[k] == v for k, v in {**BASE, key: val}.items())) for val in values]
         for stat, style in (("mean", "o-"), ("median", "s--"), ("best", "^:")):
             ax.plot(values, [r["psnr"][stat] for r in rows], style, label=stat)

@@ -41,8 +41,8 @@ from flsec.inversion.records import write_strict_json as write_json
 from flsec.io import write_text, write_with
 from flsec.pipeline import run_pipeline
 from flsec.unlearning.finetune import corrective_unlearning, plain_finetune
-from flsec.unlearning.run import settings_from
-from flsec.unlearning.verify import TriggerEstimate, mask_iou, verify
+from flsec.unlearning.run import estimate_trigger, settings_from
+from flsec.unlearning.verify import TriggerEstimate, mask_iou
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"asr_before_min": 0.90, "iou_min": 0.5, "asr_after_max": 0.05, "ma_loss_max": 0.01}
@@ -76,8 +76,8 @@ def curve(run: Path, budgets: list[int], seed: int) -> list[dict[str, Any]]:
         pick = torch.randperm(len(x), generator=generator(seed, n, 23))[:n]
         xs, ys = x[pick], y[pick]
         row: dict[str, Any] = {"budget": n}
-        ver = verify(model, xs, ys)
-        est = ver.estimate
+        est, rep = estimate_trigger(model, xs, ys, spec.num_classes, cfg.unlearning.trigger_source, cfg.seed)
+        row["trigger_source"] = rep.get("trigger_source") if est is not None else None
         if est is not None:
             row["iou"] = mask_iou(est.mask, true.mask)
             row["estimated"] = fed.evaluate(corrective_unlearning(model, xs, est, s))
@@ -199,13 +199,18 @@ def main() -> None:
         lines.append(f"| {r['budget']} | {iou_txt} | "
                      f"{cell('estimated')} | {cell('true_trigger')} | {cell('estimated_on_clean')} | "
                      f"{cell('finetune_clean')} |")
-    lines += ["", f"Setting: {args.config} (20 clients, Dirichlet 0.5, 2 boosted attackers, FedAvg, 20 rounds, 8,000 / "
-              "2,000 MNIST images, realistic capture of the attackers' round-1 updates, each inverted into "
+    d, t, a = cfg.data, cfg.training, cfg.attack
+    lines += ["", f"Setting: {args.config} ({t.num_clients} clients, {d.partition} {d.alpha}, {a.num_malicious} "
+              f"{'boosted ' if a.boost else ''}attackers, {cfg.aggregation.name}, {t.rounds} rounds, "
+              f"{d.train_size:,} / {d.test_size:,} MNIST images, {cfg.capture.mode} capture of rounds "
+              f"{cfg.capture.rounds} ({cfg.capture.clients} clients), each update inverted into "
               f"{cfg.inversion.max_images} images by a surrogate replay, {cfg.inversion.iterations} `geiping` "
               f"iterations); unlearning {cfg.unlearning.steps} steps, batch {cfg.unlearning.batch_size}, lr "
               f"{cfg.unlearning.lr}; budgets are seeded random subsets of the reconstructions "
               "(derive_seed(seed, n, 23)) and of the training set for clean images (derive_seed(seed, n, 29)).", "",
-              f"Command: `.venv/bin/python benchmarks/unlearning_realistic.py --data-dir {args.data_dir}`; commit "
+              f"Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/unlearning_realistic.py --data-dir {args.data_dir}"
+              + (" --set " + " ".join(args.set) if args.set else "")
+              + f" --budgets {' '.join(map(str, args.budgets))}`; commit "
               f"{commit()}; {platform.machine()} {platform.system()}, CPU, {torch.get_num_threads()} torch thread(s) "
               f"on a shared 2-core machine; pipeline {t_pipeline / 60:.1f} min (resumed phases excluded), curve "
               f"{t_curve / 60:.1f} min. Report: {report}.", "",
