@@ -60,8 +60,8 @@ def test_ssim_and_trigger_correlation_known_answers() -> None:
 def test_match_recovers_permutation() -> None:
     x = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     perm = torch.tensor([3, 0, 4, 1, 2])
-    order = match(x[perm] + 0.01, x)
-    assert torch.equal(x[perm][order], x)
+    assigned = match(x[perm] + 0.01, x)  # reconstruction i is true image assigned[i]
+    assert assigned.tolist() == perm.tolist()
 
 
 def test_idlg_returns_true_label_at_batch_1(digits_model) -> None:
@@ -118,8 +118,8 @@ def test_update_inversion_beats_init(digits_model) -> None:
     case = UpdateCase(model, real, 2, 2, 1, 0.05)
     out = geiping(case, ys, (2, 1, 8, 8), InversionSettings(iterations=200, progress=False))
     init = torch.rand((2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
-    order = match(out.images, xs)
-    assert psnr(out.images[order], xs).mean() > psnr(init, xs).mean() + 5.0
+    assigned = match(out.images, xs)
+    assert psnr(out.images, xs[assigned]).mean() > psnr(init, xs).mean() + 5.0
 
 
 def test_invert_cli_on_checkpoint(trained_run: Path, tmp_path: Path) -> None:
@@ -157,8 +157,8 @@ def test_all_zero_gradient_is_reported_not_inverted(trained_run: Path, tmp_path:
 
     real_build = attack.build_case
 
-    def zeroed(ckpt, target):  # type: ignore[no-untyped-def]
-        case, model = real_build(ckpt, target)
+    def zeroed(ckpt, target, settings=None, device=None):  # type: ignore[no-untyped-def]
+        case, model = real_build(ckpt, target, settings, device)
         case.observed = torch.zeros_like(case.observed)
         return case, model
 
@@ -167,6 +167,7 @@ def test_all_zero_gradient_is_reported_not_inverted(trained_run: Path, tmp_path:
     settings = InversionSettings(iterations=5, progress=False)
     res = attack.invert_one(ckpt, attack.available_targets(ckpt)[0], "geiping", settings)
     assert res["images"] is None and res["metrics"]["uninformative"] and res["metrics"]["observed_norm"] == 0.0
+    assert res["metrics"]["status"] == "all_zero"
     with pytest.raises(FlsecError, match="all-zero gradient"):
         attack.run_inversion(trained_run, tmp_path / "inv", settings=settings)
     assert not (tmp_path / "inv" / "metrics.json").exists()

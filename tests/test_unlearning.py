@@ -76,11 +76,11 @@ def test_pipeline_resumes_each_phase(tmp_path: Path, monkeypatch: pytest.MonkeyP
     calls: list[str] = []
     real_invert_one = attack.invert_one
 
-    def counting(ckpt, target, method, settings):  # type: ignore[no-untyped-def]
+    def counting(ckpt, target, method, settings, device=None):  # type: ignore[no-untyped-def]
         calls.append(target.tag)
         if len(calls) == 3 and not getattr(counting, "resumed", False):
             raise KeyboardInterrupt  # stop inside phase 2, after two finished targets
-        return real_invert_one(ckpt, target, method, settings)
+        return real_invert_one(ckpt, target, method, settings, device)
 
     monkeypatch.setattr(attack, "invert_one", counting)
     with pytest.raises(KeyboardInterrupt):

@@ -116,33 +116,56 @@ def invert(
     lr: Annotated[float, typer.Option("--lr", min=1e-12, help="step size")] = 0.1,
     tv: Annotated[float, typer.Option("--tv", min=0.0, help="total-variation weight")] = 1e-4,
     seed: Annotated[int, typer.Option("--seed", help="seed of the random initialisations")] = 0,
+    max_images: Annotated[int, typer.Option("--max-images", min=1, help="most images reconstructed from one "
+                                            "update (a larger update is inverted into this many)")] = 16,
+    labels: Annotated[str, typer.Option("--labels", help="label strategy: llg or bias-corrected")] = "llg",
+    boost: Annotated[str, typer.Option("--boost-correction", help="norm (undo an estimated boost) or none")] = "norm",
+    space: Annotated[str, typer.Option("--space", help="pixel or normalised (the authors' code)")] = "pixel",
+    init: Annotated[str, typer.Option("--init", help="uniform or normal")] = "uniform",
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
-    """Phase 2: reconstruct the images behind captured client gradients/updates (Ctrl-C keeps the best so far)."""
+    """Phase 2: reconstruct the images behind captured client gradients/updates (Ctrl-C stops; re-run resumes)."""
     from flsec.errors import ConfigError
     from flsec.inversion.attack import run_inversion
     from flsec.inversion.methods import METHODS, InversionSettings
 
     if method not in METHODS:
         raise ConfigError(f"--method: unknown '{method}'; allowed: {', '.join(METHODS.names())}")
-    settings = InversionSettings(iterations, restarts, lr, tv, seed, progress=not quiet)
+    try:
+        settings = InversionSettings(iterations, restarts, lr, tv, seed, progress=not quiet, space=space, init=init,
+                                     max_images=max_images, label_strategy=labels, boost_correction=boost)
+    except ValueError as exc:
+        flag = {"space": "--space", "init": "--init", "label_strategy": "--labels",
+                "boost_correction": "--boost-correction", "max_images": "--max-images"}
+        name = str(exc).split(":", 1)[0]
+        raise ConfigError(f"{flag.get(name, name)}:{str(exc).split(':', 1)[1]}") from None
     report = run_inversion(checkpoint, out, round_=round_, client=client, kind=target, method=method,
                            every=every, settings=settings)
     s = report["summary"]
     trig = s["mean_trigger_correlation"]
-    typer.echo(f"{s['images']} images: PSNR {s['mean_psnr']:.2f} dB  SSIM {s['mean_ssim']:.3f}  "
-               f"labels {100 * s['label_accuracy']:.0f}%"
+    p = s["psnr_stats"]
+    of = f" of {s['true_images']}" if s["surrogate_targets"] else ""
+    typer.echo(f"{s['images']}{of} images: PSNR mean {p['mean']:.2f} / median {p['median']:.2f} / best "
+               f"{p['best']:.2f} dB  SSIM {s['mean_ssim']:.3f}  labels {100 * s['label_accuracy']:.0f}%"
                + (f"  trigger corr {trig:.2f}" if trig is not None else "")
                + f"  ({s['seconds_per_image']:.1f} s/image) -> {out / 'reconstructed_images'}")
+    if s["surrogate_targets"]:
+        typer.echo(f"{s['surrogate_targets']} update(s) cover more images than --max-images {max_images}: each was "
+                   f"inverted into {max_images} images (a surrogate replay), scored against their best-matching "
+                   "true images")
     if s["uninformative_targets"]:
         typer.echo(f"skipped {s['uninformative_targets']} capture(s) whose gradient is exactly zero (samples the model "
                    "already fits perfectly carry no information); see metrics.json")
+    if s["non_finite_targets"] or s["diverged_targets"]:
+        typer.echo(f"skipped {s['non_finite_targets']} capture(s) holding NaN/Inf values and "
+                   f"{s['diverged_targets']} whose inversion objective never became finite; see metrics.json")
 
 
 @app.command()
 def unlearn(
     checkpoint: Annotated[Path, typer.Option("--checkpoint", help="run directory written by `flsec train`")],
-    images: Annotated[Path, typer.Option("--images", help="reconstructed_images/ (or its parent) from `flsec invert`")],
+    images: Annotated[Path, typer.Option("--images", help="the `flsec invert` output folder (reconstructions.safetensors), "
+                                         "or a folder of PNGs such as its reconstructed_images/")],
     out: Annotated[Path, typer.Option("--out", "-o", help="where the repaired checkpoint and metrics go")],
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="fine-tuning steps (default: config)")] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=1e-12, help="fine-tuning step size (default: config)")] = None,
@@ -158,7 +181,8 @@ def unlearn(
     cfg = load_checkpoint(checkpoint).config
     settings = settings_from(cfg.unlearning, cfg.seed, not quiet)
     settings = replace(settings, steps=steps or settings.steps, lr=lr or settings.lr)
-    res = run_unlearning(checkpoint, images, out, settings, baselines=baselines, progress=not quiet)
+    res = run_unlearning(checkpoint, images, out, settings, baselines=baselines, progress=not quiet,
+                         retrain=cfg.unlearning.retrain_baseline)
     _print_unlearning(res)
 
 
@@ -167,7 +191,8 @@ def _print_unlearning(res: dict) -> None:
     if "suspected_target" in v:
         typer.echo(f"verification: backdoor {'found' if v['backdoor_found'] else 'not confirmed'}, suspected target "
                    f"{v['suspected_target']}, {v['suspects']}/{v['reconstructions']} suspects, "
-                   f"trigger-mask IoU {v['mask_iou_with_true_trigger']:.2f}")
+                   f"trigger-mask IoU "
+                   + ("n/a" if v.get("mask_iou_with_true_trigger") is None else f"{v['mask_iou_with_true_trigger']:.2f}"))
     else:
         typer.echo(f"verification: no backdoor found in {v['reconstructions']} reconstructions ({v['reason']}); "
                    "model left unchanged")
@@ -279,8 +304,9 @@ def _option(argv: list[str], *names: str) -> str | None:
     return None
 
 
-def interrupted_message(argv: list[str]) -> str:
-    """One line for Ctrl-C: what the interrupted command kept, and the exact command that continues."""
+def interrupted_message(argv: list[str], detail: str = "") -> str:
+    """One line for Ctrl-C: what the interrupted command kept (``detail``: what the interrupted phase
+    reported, e.g. how many inversion captures it finished), and the exact command that continues."""
     command = next((a for a in argv if a in app_commands()), None)
     again = shlex.join(["flsec", *argv])
     resume = again if "--resume" in argv else f"{again} --resume"
@@ -293,10 +319,12 @@ def interrupted_message(argv: list[str]) -> str:
         kept = _committed_round(Path(where) / "train")
         phases = [p for p, f in (("inversion", "invert/metrics.json"), ("unlearning", "unlearn/metrics.json"))
                   if (Path(where) / f).is_file()]
-        done = f"{kept}{'; finished: ' + ', '.join(phases) if phases else ''}; finished inversion captures are cached"
+        done = f"{kept}{'; finished: ' + ', '.join(phases) if phases else ''}; " + (
+            detail or "finished inversion captures are cached")
         return f"interrupted: {done} in {where}; continue with: {again if command == 'demo' else resume}"
     if command == "invert":
-        return f"interrupted: finished captures are kept in {out or 'inversion'}/parts; continue with: {again}"
+        kept = detail or f"finished captures are kept in {out or 'inversion'}/parts"
+        return f"interrupted: {kept}; continue with: {again}"
     return f"interrupted: nothing was written under a final name; start again with: {again}"
 
 
@@ -326,8 +354,8 @@ def main() -> None:
         where = f"{exc.filename}: " if exc.filename else ""
         typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        typer.echo(interrupted_message(argv), err=True)
+    except KeyboardInterrupt as exc:
+        typer.echo(interrupted_message(argv, str(exc)), err=True)
         sys.exit(130)
     except SystemExit as exc:
         if exc.code == 130:  # Typer's own Ctrl-C handling: no flsec command exits 130 otherwise

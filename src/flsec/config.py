@@ -182,14 +182,40 @@ class AggregationConfig(_Section):
         return _registered("aggregator", v)
 
 
+DEFAULT_CAPTURE_MODE: Literal["realistic", "cooperative"] = "cooperative"
+
+
 class CaptureConfig(_Section):
     rounds: Literal["last", "all"] | list[int] = Field("last", description="1-based rounds to capture")
     clients: Literal["malicious", "all"] | list[int] = Field("malicious", description="clients to capture")
+    mode: Literal["realistic", "cooperative"] = Field(
+        DEFAULT_CAPTURE_MODE,
+        description="realistic: keep only what FedAvg clients send (their updates); cooperative: clients also "
+                    "send FedSGD gradients of extra batches (gradient_batch_sizes), which no real protocol does",
+    )
     updates: bool = Field(True, description="store the client's full local update (FedAvg)")
     gradient_batch_sizes: list[int] = Field(
         default_factory=lambda: [1],
-        description="also store the gradient of one local batch of each size (FedSGD); [] for none",
+        description="cooperative mode: also store the gradient of one local batch of each size (FedSGD); "
+                    "[] for none; must be [] in realistic mode",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mode_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        sizes = data.get("gradient_batch_sizes")
+        mode = data.get("mode")
+        if mode is None:  # explicit extra gradients imply the cooperative mode
+            mode = "cooperative" if sizes not in (None, []) else DEFAULT_CAPTURE_MODE
+            data = {**data, "mode": mode}
+        if mode == "realistic":
+            if sizes not in (None, []):
+                raise ValueError("capture.gradient_batch_sizes: must be [] when capture.mode = 'realistic' (a real "
+                                 "FedAvg client sends only its update); use capture.mode = 'cooperative'")
+            return {**data, "gradient_batch_sizes": []}
+        return data
 
     @field_validator("gradient_batch_sizes")
     @classmethod
@@ -203,11 +229,26 @@ class InversionConfig(_Section):
     """Phase 2 settings used by ``flsec run`` (``flsec invert`` takes the same as options)."""
 
     method: str = "geiping"
-    target: str | None = Field(None, description="gradient_b<B> or update (default: smallest captured batch)")
+    target: str | None = Field(None, description="gradient_b<B> or update (default: smallest captured batch, "
+                                                 "else the update)")
     iterations: int = Field(2000, ge=1)
     restarts: int = Field(1, ge=1)
     lr: float = Field(0.1, gt=0)
     tv_weight: float = Field(1e-4, ge=0)
+    max_images: int = Field(16, ge=1, le=4096, description="most images reconstructed at once from one FedAvg "
+                                                          "update; an update over more is inverted into this many "
+                                                          "by a surrogate replay")
+    surrogate_steps: int = Field(0, ge=0, description="steps of a surrogate replay (0: as many as the client took)")
+    label_strategy: Literal["llg", "bias-corrected"] = Field(
+        "llg", description="label counts from the output bias: llg (needs the update's scale) or bias-corrected "
+                           "(breaching's scale-free greedy)")
+    boost_correction: Literal["norm", "none"] = Field(
+        "norm", description="undo boosting before reading label counts: norm = divide by the update's norm over "
+                            "the round's median norm when that exceeds 3")
+    space: Literal["pixel", "normalised"] = Field("pixel", description="optimise pixels, or the model's "
+                                                                       "standardised input as the authors' code does")
+    init: Literal["uniform", "normal"] = Field("uniform", description="random start: uniform pixels or N(0, 1) in "
+                                                                     "the optimised space")
 
     @field_validator("method")
     @classmethod
@@ -225,6 +266,12 @@ class UnlearningConfig(_Section):
     augment_shift: int = Field(2, ge=0, description="random translation in pixels")
     augment_noise: float = Field(0.05, ge=0, description="std of added Gaussian pixel noise")
     baselines: bool = Field(True, description="also run plain fine-tuning and retraining without attackers")
+    retrain_baseline: bool = Field(True, description="with baselines: include retraining without the attackers "
+                                                     "(as long as phase 1 again)")
+    trigger_source: Literal["auto", "verification", "reverse"] = Field(
+        "auto", description="how the trigger is estimated: from what the reconstructions show (verification), by "
+                            "Neural Cleanse reverse engineering on them (reverse), or auto = verification, then "
+                            "reverse engineering when the reconstructions show no trigger")
 
 
 class FlowerConfig(_Section):

@@ -35,13 +35,28 @@ def ssim(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def match(recon: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
-    """Order of ``recon`` that best matches ``truth`` (Hungarian assignment on MSE): a batch
-    reconstruction recovers a set of images, not their order."""
-    cost = ((recon[:, None].double() - truth[None].double()) ** 2).flatten(2).mean(dim=2).numpy()
+    """For each reconstruction, the index of the true image it is matched to (Hungarian assignment
+    on MSE, scipy's ``linear_sum_assignment``): a batch reconstruction recovers a set of images, not
+    their order. With fewer reconstructions than true images (k < N, a surrogate replay of a large
+    update), each reconstruction gets a distinct true image and N - k true images stay unmatched."""
+    if len(recon) > len(truth):
+        raise ValueError(f"match: {len(recon)} reconstructions but only {len(truth)} true images")
+    cost = ((recon[:, None].double().cpu() - truth[None].double().cpu()) ** 2).flatten(2).mean(dim=2).numpy()
     rows, cols = linear_sum_assignment(cost)
-    order = np.empty(len(cols), dtype=np.int64)
-    order[cols] = rows
-    return torch.from_numpy(order)
+    assigned = np.empty(len(rows), dtype=np.int64)
+    assigned[rows] = cols
+    return torch.from_numpy(assigned)
+
+
+def distribution(values: list[float]) -> dict[str, float | None]:
+    """mean, median, best, worst of finite values (None when there are none)."""
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    if len(v) == 0:
+        return {"mean": None, "median": None, "best": None, "worst": None}
+    return {"mean": float(v.mean()), "median": float(np.median(v)), "best": float(v.max()), "worst": float(v.min())}
+
+
+PSNR_CAP = 100.0  # dB; identical images have infinite PSNR
 
 
 def trigger_correlation(recon: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -57,20 +72,38 @@ def trigger_correlation(recon: torch.Tensor, truth: torch.Tensor, mask: torch.Te
 
 
 def score(recon: torch.Tensor, truth: torch.Tensor, labels_hat: torch.Tensor, labels: torch.Tensor,
-          poisoned: torch.Tensor | None = None, trigger_mask: torch.Tensor | None = None) -> dict[str, object]:
-    """All metrics for one reconstructed batch, after matching reconstructions to the truth."""
-    order = match(recon, truth)
-    recon = recon[order]
-    p, s = psnr(recon, truth), ssim(recon, truth)
-    label_acc = _label_accuracy(labels_hat, labels)
+          poisoned: torch.Tensor | None = None, trigger_mask: torch.Tensor | None = None,
+          candidate_labels: torch.Tensor | None = None) -> dict[str, object]:
+    """All metrics for one reconstructed batch or update, after matching reconstructions to the truth.
+
+    ``labels_hat`` are the inferred labels of all N images (their multiset is scored against
+    ``labels``); ``candidate_labels`` (default ``labels_hat``) are the labels the k
+    reconstructions were given, scored against the label of the true image each is matched to.
+    ``assigned[i]`` is the true image matched to reconstruction i; PSNR is capped at
+    ``PSNR_CAP`` so that the distributions stay finite."""
+    recon, truth = recon.detach().cpu(), truth.detach().cpu()
+    assigned = match(recon, truth)
+    matched = truth[assigned]
+    p = psnr(recon, matched).clamp_max(PSNR_CAP)
+    s = ssim(recon, matched)
+    cand = labels_hat if candidate_labels is None else candidate_labels
+    if len(cand) != len(recon):
+        raise ValueError(f"score: {len(recon)} reconstructions but {len(cand)} candidate labels")
     out: dict[str, object] = {
-        "psnr": p.tolist(), "ssim": s.tolist(), "mean_psnr": float(p.clamp_max(100).mean()),
-        "mean_ssim": float(s.mean()), "label_accuracy": label_acc, "order": order.tolist(),
+        "psnr": p.tolist(), "ssim": s.tolist(), "assigned": assigned.tolist(),
+        "psnr_stats": distribution(p.tolist()), "ssim_stats": distribution(s.tolist()),
+        "mean_psnr": float(p.mean()), "mean_ssim": float(s.mean()),
+        "label_accuracy": _label_accuracy(labels_hat.cpu(), labels.cpu()),
+        "matched_label_accuracy": float((cand.cpu() == labels.cpu()[assigned]).float().mean()),
+        "reconstructed": len(recon), "true_images": len(truth),
     }
-    if poisoned is not None and trigger_mask is not None and bool(poisoned.any()):
-        corr = trigger_correlation(recon[poisoned.bool()], truth[poisoned.bool()], trigger_mask)
-        out["trigger_correlation"] = corr.tolist()
-        out["mean_trigger_correlation"] = float(corr.nanmean())
+    if poisoned is not None and trigger_mask is not None:
+        hit = poisoned.cpu().bool()[assigned]
+        out["matched_poisoned"] = int(hit.sum())
+        if bool(hit.any()):
+            corr = trigger_correlation(recon[hit], matched[hit], trigger_mask.cpu())
+            out["trigger_correlation"] = [None if c != c else float(c) for c in corr.tolist()]
+            out["mean_trigger_correlation"] = None if bool(corr.isnan().all()) else float(corr.nanmean())
     return out
 
 

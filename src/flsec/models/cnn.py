@@ -115,8 +115,38 @@ class FLDefenderCNN(nn.Module):
         return self.fc2(F.dropout(x, training=self.training))
 
 
+class LeNetZhu(nn.Module):
+    """The small sigmoid CNN of Deep Leakage from Gradients (Zhu, Liu & Han, NeurIPS 2019; their
+    ``models/vision.py`` ``LeNet``), called "LeNet (Zhu)" by Geiping et al. 2020 (Table 1): three
+    5x5 convolutions of 12 channels (strides 2, 2, 1, padding 2) with sigmoid activations and one
+    linear layer, every weight and bias drawn from U(-0.5, 0.5) as in their ``weights_init``. It is
+    not LeNet-5 (``lenet``): it has no pooling and is smooth everywhere, which is what makes it easy
+    to invert."""
+
+    def __init__(self, spec: InputSpec) -> None:
+        super().__init__()
+        h, w = -(-spec.height // 4), -(-spec.width // 4)
+        self.normalize = Normalize(spec.mean, spec.std)
+        self.body = nn.Sequential(
+            nn.Conv2d(spec.channels, 12, 5, padding=2, stride=2), nn.Sigmoid(),
+            nn.Conv2d(12, 12, 5, padding=2, stride=2), nn.Sigmoid(),
+            nn.Conv2d(12, 12, 5, padding=2, stride=1), nn.Sigmoid(),
+        )
+        self.fc = nn.Linear(12 * h * w, spec.num_classes)
+        for module in self.modules():
+            if isinstance(module, (nn.Conv2d, nn.Linear)):
+                nn.init.uniform_(module.weight, -0.5, 0.5)
+                nn.init.uniform_(module.bias, -0.5, 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.body(self.normalize(x)), 1))
+
+
 MODELS.register("digits_cnn")(DigitsCNN)
 MODELS.register("mnist_cnn")(MnistCNN)
 MODELS.register("lenet")(LeNet5)
 MODELS.register("cifar_convnet")(CifarConvNet)
 MODELS.register("fl_defender_cnn")(FLDefenderCNN)
+
+
+MODELS.register("lenet_zhu")(LeNetZhu)

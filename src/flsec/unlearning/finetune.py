@@ -44,11 +44,11 @@ def augment(x: torch.Tensor, g: torch.Generator, shift: int, noise: float) -> to
     if shift > 0:
         n, _, h, w = x.shape
         padded = F.pad(x, (shift, shift, shift, shift))
-        dy = torch.randint(0, 2 * shift + 1, (n,), generator=g)
-        dx = torch.randint(0, 2 * shift + 1, (n,), generator=g)
+        dy = torch.randint(0, 2 * shift + 1, (n,), generator=g).tolist()
+        dx = torch.randint(0, 2 * shift + 1, (n,), generator=g).tolist()
         x = torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
     if noise > 0:
-        x = x + noise * torch.randn(x.shape, generator=g)
+        x = x + noise * torch.randn(x.shape, generator=g).to(x.device)
     return x.clamp(0.0, 1.0)
 
 
@@ -71,10 +71,11 @@ def corrective_unlearning(model: nn.Module, images: torch.Tensor, estimate: Trig
                           s: FinetuneSettings) -> nn.Module:
     """Fine-tune a copy of ``model`` on the reconstructions (see the module docstring)."""
     teacher = copy.deepcopy(model).eval()
+    estimate = estimate.to(images.device)
     clean = estimate.remove(images)
 
     def loss_fn(student: nn.Module, g: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(0, len(clean), (s.batch_size,), generator=g)
+        idx = torch.randint(0, len(clean), (s.batch_size,), generator=g).to(images.device)
         xb = augment(clean[idx], g, s.shift, s.noise)
         with torch.no_grad():
             soft = torch.softmax(teacher(xb), dim=1)
@@ -94,7 +95,7 @@ def plain_finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     from 97% to 58%), which would make the baseline look worse than plain fine-tuning is."""
 
     def loss_fn(student: nn.Module, g: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(0, len(images), (s.batch_size,), generator=g)
+        idx = torch.randint(0, len(images), (s.batch_size,), generator=g).to(images.device)
         return F.cross_entropy(student(augment(images[idx], g, 0, s.noise)), labels[idx])
 
     return _loop(model, s, "fine-tune baseline", loss_fn)

@@ -39,6 +39,10 @@ class TriggerEstimate:
     def remove(self, x: torch.Tensor) -> torch.Tensor:
         return torch.where(self.mask, self.fill, x)
 
+    def to(self, device: torch.device) -> TriggerEstimate:
+        return TriggerEstimate(self.mask.to(device), self.pattern.to(device), self.fill.to(device),
+                               self.heatmap.to(device))
+
 
 @torch.no_grad()
 def occlusion_drops(model: nn.Module, x: torch.Tensor, window: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +54,7 @@ def occlusion_drops(model: nn.Module, x: torch.Tensor, window: int) -> tuple[tor
     probs0 = torch.softmax(model(x), dim=1)
     pred = probs0.argmax(dim=1)
     base = probs0.gather(1, pred[:, None])[:, 0]
-    drops = torch.zeros(n, h, w)
+    drops = torch.zeros(n, h, w, device=x.device)
     r = window // 2
     for i in range(h):
         batch = []
@@ -102,7 +106,7 @@ def estimate_trigger(suspects: torch.Tensor, looked_at: torch.Tensor, reference:
         c0 += 1
     while c1 - c0 > 1 and not differs[r0:r1, c1 - 1].any():
         c1 -= 1
-    mask = torch.zeros(1, h, w, dtype=torch.bool)
+    mask = torch.zeros(1, h, w, dtype=torch.bool, device=suspects.device)
     mask[0, r0:r1, c0:c1] = True
     pattern = torch.where(mask, mean, 0.0)
     return TriggerEstimate(mask, pattern, ref_mean, heat)
@@ -121,8 +125,8 @@ def decisive_centres(drops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     _n, h, w = drops.shape
     peak = drops.flatten(1).max(dim=1).values.clamp_min(1e-12)
     weight = (drops >= 0.5 * peak[:, None, None]).float()
-    ys = torch.arange(h, dtype=torch.float32)[None, :, None]
-    xs = torch.arange(w, dtype=torch.float32)[None, None, :]
+    ys = torch.arange(h, dtype=torch.float32, device=drops.device)[None, :, None]
+    xs = torch.arange(w, dtype=torch.float32, device=drops.device)[None, None, :]
     total = weight.sum(dim=(1, 2)).clamp_min(1.0)
     rows = ((weight * ys).sum(dim=(1, 2)) / total).round().long()
     cols = ((weight * xs).sum(dim=(1, 2)) / total).round().long()
