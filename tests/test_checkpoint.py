@@ -281,3 +281,20 @@ def test_json_is_strict(tmp_path: Path) -> None:
     text = (tmp_path / "m.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"asr": None, "x": [None, 1.5], "t": [1.0]}
+
+
+def test_taking_the_lock_removes_what_a_killed_writer_left_half_written(tmp_path: Path) -> None:
+    out = tmp_path / "inv"
+    (out / "parts").mkdir(parents=True)
+    (out / "other").mkdir()
+    stale = [out / ".metrics.json.ab12cd.tmp", out / "parts" / ".r1_c0_update.safetensors.x9.tmp"]
+    kept = [out / "parts" / "r1_c0_update.safetensors", out / "notes.tmp", out / "other" / ".x.tmp"]
+    (out / "other" / ".lock").write_text("")  # another writer's directory: its lock cleans it
+    for p in stale + kept:
+        p.write_text("x")
+    (out / ".link.tmp").symlink_to(tmp_path / "victim.tmp")
+    (tmp_path / "victim.tmp").write_text("v")
+    with locked_dir(out):
+        assert [p.exists() for p in stale] == [False, False]
+        assert all(p.exists() for p in kept)
+    assert (tmp_path / "victim.tmp").read_text() == "v"

@@ -56,3 +56,21 @@ def test_missing_field_is_named(run_dir: Path) -> None:
     _write(run_dir / "unlearn" / "metrics.json", {"verification": {}, "before": {"ma": 1.0, "asr": 0.0}})
     with pytest.raises(FlsecError, match="missing field 'after'"):
         write_report(run_dir)
+
+
+def test_report_states_durability_and_dba_parts(run_dir: Path) -> None:
+    """The training section says how long the backdoor outlived the attack, and each DBA part's ASR."""
+    from flsec.report.html import _training_notes
+
+    history = [{"round": 1, "asr": 0.9, "attackers": [0]}, {"round": 2, "asr": 0.95, "attackers": [0]},
+               {"round": 3, "asr": 0.7, "attackers": []}, {"round": 4, "asr": 0.4, "attackers": [],
+                                                            "asr_parts": [0.25, 0.125]}]
+    notes = _training_notes(history)
+    assert notes[0] == ("Durability: the attackers stopped after round 2 with ASR 95.00%; 2 round(s) later it is "
+                        "40.00%. It stayed at or above 50.00% for 1 round(s).")
+    assert notes[1] == ("Distributed trigger: ASR with the global trigger 40.00%; with each attacker's local part "
+                        "alone 25.00%, 12.50%.")
+    assert "until the run ended" in _training_notes(history[:3])[0]
+    assert _training_notes([{"round": 1, "asr": 0.1, "attackers": []}]) == []
+    write_report(run_dir)  # the fixture's attackers attack in every round: nothing to say on durability
+    assert "Durability:" not in (run_dir / "report.html").read_text()

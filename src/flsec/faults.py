@@ -9,7 +9,7 @@ Unset (the normal case) a fault point costs one dictionary lookup.
 Points: ``atomic:before_rename`` (a file fully written under its temporary name), ``capture``
 (after each captured tensor file), ``round:before_commit``, ``commit:state``, ``commit:model``,
 ``commit:history`` (a round's files written, manifest not yet), ``commit:meta`` (just committed),
-``commit:aliases``, and those the phases 2-3 define.
+``commit:aliases``, ``invert:capture`` (after each finished inversion capture is cached).
 """
 
 from __future__ import annotations

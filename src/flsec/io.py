@@ -56,6 +56,22 @@ def is_temp_file(path: Path) -> bool:
     return path.name.startswith(".") and path.name.endswith(TEMP_SUFFIX)
 
 
+def remove_temp_files(root: Path, owned_marker: str | None = None) -> list[Path]:
+    """Delete the temporary files interrupted writers left under ``root`` (only flsec's own
+    ``.<name>.<random>.tmp`` names; symbolic links are neither followed nor removed). Sub-directories
+    holding a file named ``owned_marker`` (another writer's lock) are left to that writer."""
+    removed = []
+    for dirpath, dirs, files in os.walk(root, followlinks=False):
+        if owned_marker:
+            dirs[:] = [d for d in dirs if not (Path(dirpath) / d / owned_marker).exists()]
+        for name in files:
+            path = Path(dirpath) / name
+            if is_temp_file(path) and not path.is_symlink():
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temporary path in the same directory; rename it onto ``path`` on success."""

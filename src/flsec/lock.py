@@ -1,6 +1,7 @@
 """One writer per output directory: a second flsec process writing the same ``--out`` is refused.
 
-A directory the lock created and nothing else wrote into is removed again when the lock is released.
+A directory the lock created and nothing else wrote into is removed again when the lock is released;
+temporary files a killed writer left in it are removed when the lock is taken.
 
 The lock is an advisory ``flock`` on ``<dir>/.lock``, held by the open file for the life of the
 process, so it is released even when the process is killed (no stale lock to clean up by hand).
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from flsec.errors import CheckpointError
+from flsec.io import remove_temp_files
 
 LOCK_NAME = ".lock"
 
@@ -52,6 +54,7 @@ def locked_dir(path: Path, option: str = "--out") -> Iterator[None]:
                                       "another directory") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
+        remove_temp_files(path, LOCK_NAME)  # the only writer now: what a killed one left half-written goes
         yield
     finally:
         if created and os.listdir(path) == [LOCK_NAME]:

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from flsec.errors import ConfigError, FlsecError
+from flsec.faults import fault_point
 from flsec.fl.checkpoint import Checkpoint, load_checkpoint, read_tensor_metadata, read_tensors
 from flsec.inversion.boost import applied_factor, norm_ratio, replay_scale
 from flsec.inversion.cases import Case, GradientCase, UpdateCase
@@ -34,6 +35,7 @@ from flsec.inversion.metrics import distribution, score
 from flsec.inversion.records import write_strict_json
 from flsec.inversion.truth import capture_truth, client_trigger
 from flsec.io import write_tensors
+from flsec.lock import locked_dir
 from flsec.runtime import resolve_device
 
 CACHE_VERSION = 2
@@ -217,7 +219,15 @@ def run_inversion(checkpoint: Path, out: Path, *, round_: int | None = None, cli
     Each finished capture is cached in ``out/parts/`` under a key of the method, the settings and
     the checkpoint's content hash. Ctrl-C stops the whole command (:class:`InversionInterrupted`):
     the captures finished so far stay cached, the interrupted one is dropped, nothing else is
-    written; running the same command again resumes."""
+    written; running the same command again resumes. ``out`` is held under its write lock (a second
+    process writing it is refused)."""
+    with locked_dir(Path(out)):
+        return _run_inversion(checkpoint, Path(out), round_, client, kind, method, every, settings, device)
+
+
+def _run_inversion(checkpoint: Path, out: Path, round_: int | None, client: int | None, kind: str | None,
+                   method: str, every: bool, settings: InversionSettings | None,
+                   device: torch.device | None) -> dict[str, Any]:
     settings = settings or InversionSettings()
     METHODS.get(method)
     ckpt = load_checkpoint(checkpoint)
@@ -269,6 +279,7 @@ def _cache(out: Path, target: Target, key: str, res: dict[str, Any]) -> None:
     write_tensors(part_path(out, target),
                   {"images": res["images"], "labels": res["labels"].long(), "truth": res["truth"]},
                   {"key": key, "metrics": json.dumps(res["metrics"])})
+    fault_point("invert:capture")
 
 
 def _cached(out: Path, target: Target, key: str) -> dict[str, Any] | None:

@@ -18,6 +18,7 @@ import torch
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from flsec.attacks.backdoor import make_trigger
+from flsec.attacks.durability import durability
 from flsec.errors import FlsecError
 from flsec.fl.checkpoint import Checkpoint, load_checkpoint, read_tensors
 from flsec.inversion.attack import Target, part_path
@@ -76,6 +77,24 @@ def _setting(ckpt: Checkpoint) -> list[list[Any]]:
         ["final MA / ASR", f"{_pct(last['ma'])} / {_pct(last['asr'])}"],
         ["seed", cfg.seed],
     ]
+
+
+def _training_notes(history: list[dict[str, Any]]) -> list[str]:
+    """What the per-round records say beyond the curves: the backdoor's durability after the attack
+    stopped (:func:`flsec.attacks.durability.durability`) and the ASR of each DBA trigger part."""
+    notes = []
+    d = durability(history)
+    if d["last_attack_round"] is not None and d["asr_after"]:
+        life = (f"at least {d['lifespan']} round(s), until the run ended" if d["censored"]
+                else f"{d['lifespan']} round(s)")
+        notes.append(f"Durability: the attackers stopped after round {d['last_attack_round']} with ASR "
+                     f"{_pct(d['asr_at_stop'])}; {len(d['asr_after'])} round(s) later it is {_pct(d['asr_after'][-1])}. "
+                     f"It stayed at or above {_pct(d['threshold'])} for {life}.")
+    parts = history[-1].get("asr_parts") if history else None
+    if isinstance(parts, list) and parts:
+        notes.append(f"Distributed trigger: ASR with the global trigger {_pct(history[-1].get('asr'))}; with each "
+                     f"attacker's local part alone {', '.join(_pct(p) for p in parts)}.")
+    return notes
 
 
 def _inversion(run_dir: Path) -> dict[str, Any] | None:
@@ -159,7 +178,7 @@ def render_report(run_dir: Path) -> str:
     cfg = ckpt.config
     training = {"figures": [_figure(plots.rounds_plot(ckpt.history), "MA and ASR per round"),
                             _figure(plots.weights_plot(ckpt.history), "aggregation weight of attackers per round")],
-                "notes": []}
+                "notes": _training_notes(ckpt.history)}
     context = {"name": cfg.name, "setting": _setting(ckpt), "defense": None, "training": training,
                "inversion": _inversion(run_dir), "unlearning": _unlearning(run_dir, cfg)}
     return _ENV.get_template("report.html.j2").render(**context)

@@ -33,6 +33,7 @@ from flsec.inversion.images import save_grid
 from flsec.inversion.reconstructions import read_reconstructions
 from flsec.inversion.records import finite, write_strict_json
 from flsec.io import write_tensors
+from flsec.lock import locked_dir
 from flsec.runtime import resolve_device
 from flsec.unlearning.finetune import FinetuneSettings, corrective_unlearning, plain_finetune
 from flsec.unlearning.reverse import ReverseSettings, neural_cleanse
@@ -128,6 +129,18 @@ def _flip_rate(model: torch.nn.Module, x: torch.Tensor, est: TriggerEstimate, ta
 def run_unlearning(checkpoint: Path, images: Path, out: Path, settings: FinetuneSettings | None = None,
                    baselines: bool = True, progress: bool = True, device: torch.device | None = None,
                    retrain: bool = True, trigger_source: str | None = None) -> dict[str, Any]:
+    """Phase 3: verify the backdoor on the reconstructions in ``images``, estimate its trigger, fine-tune
+    it out of the checkpoint's global model and measure MA / ASR before and after (and the baselines).
+    Writes the repaired checkpoint to ``out/checkpoint`` and ``out/metrics.json`` last (the phase's
+    completion mark); ``out`` is held under its write lock, so a second process writing it is refused."""
+    with locked_dir(Path(out)):
+        return _run_unlearning(checkpoint, images, Path(out), settings, baselines, progress, device, retrain,
+                               trigger_source)
+
+
+def _run_unlearning(checkpoint: Path, images: Path, out: Path, settings: FinetuneSettings | None, baselines: bool,
+                    progress: bool, device: torch.device | None, retrain: bool,
+                    trigger_source: str | None) -> dict[str, Any]:
     ckpt = load_checkpoint(checkpoint)
     device = device or resolve_device(ckpt.config.runtime.device)
     settings = settings or settings_from(ckpt.config.unlearning, ckpt.config.seed, progress)
