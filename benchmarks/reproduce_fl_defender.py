@@ -273,7 +273,10 @@ def pct(v: float | None) -> str:
 def write_report(out: Path, saved: dict[str, Any]) -> None:
     s = saved["settings"]
     lines = ["# FL-Defender reproduction (MNIST, 20 peers, 4 attackers, Dirichlet alpha = 1)", "",
-             f"Command: `{s['command']}`  ", f"git commit {s['commit']}, seed {s['seed']}, "
+             f"Command: `{s['command']}`"
+             + (" (run before `--split` existed; today's equivalent adds `--split flsec`)"
+                if s.get("split") == "flsec" and "--split" not in s["command"] else "") + "  ",
+             f"git commit {s['commit']}, seed {s['seed']}, "
              f"{s['threads']} torch thread(s), {s['machine']}.", "",
              f"Setting as run: {s['rounds']} rounds (paper 100), {s['train_size']} MNIST training images "
              f"(paper 60,000), {s['test_size']} test images (paper 10,000); partition and attackers: "
@@ -315,11 +318,15 @@ SETTING = """## The paper's setting, as extracted from the authors' code
 
 * Data: MNIST, `sample_dirichlet(alpha=1)` ("MILD_NON_IID"): per class, peer shares ~ Dir(1 x 20),
   `round(share x class size)` images each, taken in order (a few left over by rounding are
-  dropped). flsec uses its Dirichlet(1) split (`data.partition = "dirichlet"`, every sample assigned,
-  re-drawn until each peer holds >= 8 samples).
+  dropped). `--split authors` (the default) replays that seeded draw, attackers included
+  (`authors_split`: on the full training split it gives the authors' peers 1, 2, 11, 19 as
+  attackers; on a `--train-size` subset it runs the same algorithm on the subset); `--split flsec`
+  uses flsec's Dirichlet(1) split (`data.partition = "dirichlet"`, every sample assigned, re-drawn
+  until each peer holds >= 8 samples).
 * Attackers: `attackers_ratio = 0.2` of the peers that hold source-class samples (all 20 here) = 4:
   the first 4 such peers in a random order of the peers; they attack in every round
-  (`malicious_behavior_rate = 1`). The script draws them the same way from a seeded permutation.
+  (`malicious_behavior_rate = 1`). With `--split flsec` the script draws them the same way from a
+  seeded permutation.
 * Label flipping: the attackers' source-class samples (9) are relabelled to the target (0); ASR =
   share of source-class test images predicted as the target (`lf_asr` from the confusion matrix).
 * Backdoor: in every batch of an attacker, the batch's source-class images are copied, their
