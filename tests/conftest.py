@@ -6,8 +6,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import settings
 
 from flsec.config import ExperimentConfig, build_config
+
+# Property tests draw the same examples on every run (a CI failure reproduces locally).
+settings.register_profile("flsec", derandomize=True, print_blob=True)
+settings.load_profile("flsec")
 
 torch.set_num_threads(2)
 
@@ -20,6 +25,7 @@ def small_config(**sections: dict) -> ExperimentConfig:
         "training": {"num_clients": 6, "rounds": 4, "local_epochs": 1, "batch_size": 16, "lr": 0.05},
         "attack": {"kind": "backdoor", "num_malicious": 1, "boost": True, "trigger": {"offset": 0}},
         "capture": {"rounds": "last", "clients": "malicious", "gradient_batch_sizes": [1]},
+        "runtime": {"device": "cpu"},  # tests run on the CPU even where a GPU exists (the cuda tests ask for it)
     }
     for key, value in sections.items():
         base[key] = {**base.get(key, {}), **value}

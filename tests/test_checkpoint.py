@@ -37,10 +37,11 @@ def resign(run: Path, edit: Any = None) -> dict[str, Any]:
     meta = json.loads((run / "meta.json").read_text())
     if edit is not None:
         edit(meta)
-    for rel in list(meta["files"]):
+    files = meta.get("files")
+    for rel in list(files) if isinstance(files, dict) else []:
         path = run / rel
         if path.is_file() and not rel.startswith(("..", "/")):
-            meta["files"][rel] = sha256_file(path)
+            files[rel] = sha256_file(path)
     meta["manifest_sha256"] = manifest_digest(meta)
     (run / "meta.json").write_text(json.dumps(meta))
     return meta

@@ -1,4 +1,4 @@
-"""Command line: ``flsec train | invert | unlearn | run | demo | report | verify``.
+"""Command line: ``flsec train | invert | unlearn | run | demo | sweep | report | verify``.
 
 A user error (bad config, option or input file) prints one line (``error: ...``) and exits with
 code 2; an I/O failure (read-only or full disk, ...) prints one line and exits with code 1; Ctrl-C
@@ -43,6 +43,14 @@ def _with_engine(set_: list[str] | None, engine: str | None) -> list[str]:
     return [*(set_ or []), *([f'runtime.engine="{engine}"'] if engine is not None else [])]
 
 
+DeviceOpt = Annotated[str | None, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (runtime.device)")]
+
+
+def _with_device(overrides: list[str] | None, device: str | None) -> list[str]:
+    """``--device X`` is ``--set runtime.device="X"`` (validated the same way)."""
+    return [*(overrides or []), *([f'runtime.device="{device}"'] if device is not None else [])]
+
+
 @app.command()
 def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="run directory to write")],
@@ -51,13 +59,14 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in --out")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
     engine: EngineOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Phase 1: federated training under attack; writes a checkpoint directory."""
     from flsec.config import load_config
     from flsec.fl.server import fmt_rate
     from flsec.fl.server import train as run_training
 
-    cfg = load_config(config, _with_engine(set_, engine))
+    cfg = load_config(config, _with_engine(_with_device(set_, device), engine))
     ckpt = run_training(cfg, out, resume=resume, progress=not quiet)
     m = ckpt.history[-1]
     typer.echo(f"round {m['round']}: MA {m['ma']:.4f}  ASR {fmt_rate(m['asr'], 4)}  -> {out}")
@@ -176,6 +185,7 @@ def run(
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted run in --out")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
     engine: EngineOpt = None,
+    device: DeviceOpt = None,
 ) -> None:
     """All three phases in one run directory, then report.html. --resume continues unfinished phases
     (finished ones are never redone)."""
@@ -183,7 +193,7 @@ def run(
     from flsec.errors import CheckpointError
     from flsec.pipeline import run_pipeline
 
-    cfg = load_config(config, _with_engine(set_, engine))
+    cfg = load_config(config, _with_engine(_with_device(set_, device), engine))
     if not resume and (out / "train" / "meta.json").exists():
         raise CheckpointError(f"--out: {out} already holds a run; pass --resume to continue it or choose a new --out")
     report = run_pipeline(cfg, out, progress=not quiet)
@@ -205,6 +215,34 @@ def demo(
         cfg = build_config(read_toml(Path(path)))
     report = run_pipeline(cfg, out, progress=not quiet)
     _print_run(out, report)
+
+
+@app.command()
+def sweep(
+    grid: Annotated[Path, typer.Option("--grid", "-g", help="TOML file: [grid] of quoted dotted config paths -> lists")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="sweep directory (re-run to resume)")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="seeds per cell: config seed, seed + 1, ...")] = 1,
+    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="runs trained in parallel processes")] = 1,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="CPU threads in all (default: every core), "
+                                                "split between the jobs")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
+) -> None:
+    """Train every cell of a grid for several seeds; results.csv, summary.md, heatmaps and index.html."""
+    from flsec.config import apply_overrides, load_grid, read_toml
+    from flsec.errors import FlsecError
+    from flsec.sweep import run_sweep
+
+    base = apply_overrides(read_toml(config) if config is not None else {}, set_ or [])
+    first = int(base.get("seed", 0)) if isinstance(base.get("seed", 0), int) else 0
+    result = run_sweep(base, load_grid(grid), list(range(first, first + seeds)), out, jobs=jobs, threads=threads,
+                       progress=not quiet)
+    typer.echo(f"{len(result.runs)} runs in {len(result.cells)} cells: {result.trained} trained, {result.skipped} "
+               f"already finished, {len(result.failed)} failed -> {(out / 'index.html').resolve()}")
+    if result.failed:
+        run, message = result.failed[0]
+        raise FlsecError(f"{len(result.failed)} run(s) failed; first: {run.cell.id} seed {run.seed}: {message}")
 
 
 @app.command()

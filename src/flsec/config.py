@@ -76,8 +76,46 @@ class TriggerConfig(_Section):
     dba_parts: int = Field(1, ge=1, description="split the trigger into parts, one per attacker (DBA)")
 
 
+class ConstrainScaleConfig(_Section):
+    """Constrain-and-scale model replacement (Bagdasaryan et al. 2020, Sec. 4)."""
+
+    alpha: float = Field(0.9, ge=0, le=1,
+                         description="weight of the task loss; 1 - alpha weighs the distance to the global model")
+    norm_bound: float | None = Field(None, gt=0, description="bounded scaling: gamma = min(gamma, S / ||X - G||)")
+
+
+class PGDConfig(_Section):
+    """Norm-bounded attacker: projected local SGD (Sun et al. 2019; Wang et al. 2020)."""
+
+    eps: float | None = Field(None, gt=0, description="radius of the ball around the global model (default: the norm of "
+                                                      "the attacker's own honest update in the round)")
+    eps_factor: float = Field(1.0, gt=0, description="without eps: the radius is this times the honest update's norm")
+    norm: Literal["l2", "linf"] = Field("l2", description="the ball's norm")
+    project_every: int = Field(1, ge=1, description="project after every k-th local step (and always after the last)")
+
+
+class NeurotoxinConfig(_Section):
+    """Neurotoxin (Zhang et al. 2022): only the coordinates benign clients change least are attacked."""
+
+    top_fraction: float = Field(0.05, gt=0, lt=1,
+                                description="share of coordinates excluded: the largest of the benign estimate")
+    estimate: Literal["previous_update", "own_gradient"] = Field(
+        "previous_update",
+        description="benign estimate: the last global update, or the gradient of the attacker's clean data")
+    eps: float | None = Field(None, gt=0, description="optional L2 bound (PGD) on the masked update")
+
+
+class EdgeCaseConfig(_Section):
+    """Edge-case backdoor (Wang et al. 2020): a rare-style tail of source_label images relabelled to target_label."""
+
+    tail_fraction: float = Field(0.1, gt=0, lt=1,
+                                 description="share of the source class's training images that form the tail")
+    neighbours: int = Field(5, ge=1, description="k of the k-nearest-neighbour distance that ranks rarity")
+    components: int = Field(20, ge=1, description="PCA components of the space the distance is measured in")
+
+
 class AttackConfig(_Section):
-    kind: Literal["none", "backdoor", "label_flip"] = "none"
+    kind: str = Field("none", description="a registered attack (flsec.attacks.ATTACKS)")
     num_malicious: int = Field(0, ge=0)
     malicious_ids: list[int] | None = Field(None, description="explicit attacker ids (default: 0..n-1)")
     rounds: list[int] | None = Field(None, description="1-based rounds in which attackers attack (default: all)")
@@ -86,7 +124,19 @@ class AttackConfig(_Section):
     poison_fraction: float = Field(0.5, gt=0, le=1)
     boost: bool = Field(False, description="model replacement: scale the malicious update by boost_factor")
     boost_factor: float | None = Field(None, gt=0, description="default n_selected / (server_lr * attackers in the round)")
+    local_epochs: int | None = Field(None, ge=1, description="attackers' local epochs (default: training.local_epochs)")
+    lr: float | None = Field(None, gt=0, description="attackers' local learning rate (default: training.lr)")
     trigger: TriggerConfig = TriggerConfig()
+    constrain_scale: ConstrainScaleConfig = ConstrainScaleConfig()
+    pgd: PGDConfig = PGDConfig()
+    neurotoxin: NeurotoxinConfig = NeurotoxinConfig()
+    edge_case: EdgeCaseConfig = EdgeCaseConfig()
+    options: dict[str, Any] = Field(default_factory=dict, description="parameters of a plug-in attack (its Options model)")
+
+    @field_validator("kind")
+    @classmethod
+    def _known_attack(cls, v: str) -> str:
+        return _registered("attack", v)
 
     @model_validator(mode="after")
     def _consistent(self) -> AttackConfig:
@@ -192,13 +242,28 @@ class FlowerConfig(_Section):
 class RuntimeConfig(_Section):
     """How a run is executed; changing it never changes what is computed beyond float rounding."""
 
-    client_engine: Literal["sequential"] = Field("sequential", description="how a round's clients are run")
-    device: Literal["auto", "cpu", "cuda", "mps"] = Field("auto", description="auto: CUDA, then MPS, then CPU")
+    client_engine: Literal["sequential", "vectorised", "auto"] = Field(
+        "sequential", description="how a round's clients are run: one after another (the reference), vectorised "
+        "with torch.func over client_chunk clients at once, or auto (picked by device and batch size)")
+    client_chunk: int = Field(32, ge=1, le=4096, description="vectorised engine: clients trained at once (bounds memory)")
+    device: str = Field("auto", description="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     threads: int | None = Field(None, ge=1, le=1024, description="torch CPU threads (default: torch's choice)")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast precision; fp16 needs a GPU")
+    memory_format: Literal["contiguous", "channels_last"] = Field(
+        "contiguous", description="layout of convolution weights and activations (channels_last: faster oneDNN "
+        "kernels on CPU)")
     engine: Literal["inprocess", "flower"] = Field(
         "inprocess", description="inprocess: this process drives the rounds; flower: a Flower ServerApp + ClientApp")
     flower: FlowerConfig = FlowerConfig()
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, v: str) -> str:
+        import re
+
+        if v not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", v):
+            raise ValueError(f"unknown device '{v}'; allowed: auto, cpu, cuda, cuda:N, mps")
+        return v
 
 
 class ExperimentConfig(_Section):
@@ -256,6 +321,60 @@ class ExperimentConfig(_Section):
         if self.aggregation.f is not None:
             return self.aggregation.f
         return self.attack.num_malicious if self.attack.kind != "none" else 0
+
+
+class SweepGrid(_Section):
+    """A sweep's grid file: ``[grid]`` maps quoted dotted config paths to the lists of values to try
+    (their Cartesian product is the sweep); ``[labels]`` optionally names the values of an axis, e.g.
+    when they are tables (``"attack" = [{kind = "pgd"}, {kind = "neurotoxin"}]``)."""
+
+    grid: dict[str, list[Any]] = Field(..., description="dotted config path -> values")
+    labels: dict[str, list[str]] = Field(default_factory=dict, description="dotted config path -> value names")
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> SweepGrid:
+        import json
+
+        if not self.grid:
+            raise ValueError("grid: the [grid] table is empty; add e.g. \"aggregation.name\" = [\"fedavg\", \"krum\"]")
+        for key, values in self.grid.items():
+            if not key or any(not part for part in key.split(".")):
+                raise ValueError(f"grid: '{key}' is not a dotted config path such as \"training.rounds\"")
+            if key == "seed":
+                raise ValueError("grid: 'seed' cannot be an axis; use --seeds")
+            if not values:
+                raise ValueError(f"grid.{key}: needs at least one value")
+            shown = [json.dumps(v, sort_keys=True) for v in values]
+            if len(set(shown)) != len(shown):
+                raise ValueError(f"grid.{key}: values must be distinct")
+        for key, names in self.labels.items():
+            if key not in self.grid:
+                raise ValueError(f"labels.{key}: not an axis of [grid]; axes: {', '.join(self.grid)}")
+            if len(names) != len(self.grid[key]):
+                raise ValueError(f"labels.{key}: {len(names)} labels for {len(self.grid[key])} values")
+            if len(set(names)) != len(names):
+                raise ValueError(f"labels.{key}: labels must be distinct")
+        return self
+
+
+def load_grid(path: Path) -> SweepGrid:
+    """Read and validate a sweep grid file (``flsec sweep --grid``)."""
+    if not path.is_file():
+        raise ConfigError(f"--grid: file not found: {path}")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--grid: {path} is not valid TOML: {exc}") from None
+    try:
+        return SweepGrid.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"--grid: {path}: unknown table '{loc}'; allowed: grid, labels") from None
+        detail = msg if msg.startswith(("grid", "labels")) else f"{loc}: {msg}"
+        raise ConfigError(f"--grid: {path}: {detail}") from None
 
 
 # Loading --------------------------------------------------------------------------------------

@@ -20,6 +20,10 @@ def registry_for(kind: str) -> Registry[Any]:
         from flsec.aggregation import AGGREGATORS
 
         return AGGREGATORS
+    if kind == "attack":
+        from flsec.attacks.registry import load_builtin
+
+        return load_builtin()
     if kind == "inversion method":
         from flsec.inversion import METHODS
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flsec.fl.params import get_flat
+from flsec.runtime import autocast
 
 BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -71,19 +72,26 @@ def client_batches(x: torch.Tensor, y: torch.Tensor, spec: LocalSpec, generator:
 
 
 def local_train_on(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-                   spec: LocalSpec, hooks: TrainingHooks | None = None) -> LocalResult:
+                   spec: LocalSpec, hooks: TrainingHooks | None = None, precision: str = "fp32") -> LocalResult:
     """SGD (with the momentum and weight decay of ``spec``) from the model's current weights over
     ``batches``; returns the update (local - start) as a flat vector. The reported loss is the
-    batches' mean cross-entropy, whatever ``hooks`` add to the objective."""
+    batches' mean cross-entropy, whatever ``hooks`` add to the objective.
+
+    Batches may come from the CPU: each is moved to the model's device. ``precision`` autocasts the
+    forward pass (:func:`flsec.runtime.autocast`); weights, gradients and the optimiser stay fp32."""
+    device = next(model.parameters()).device
     start = get_flat(model)
     opt = torch.optim.SGD(model.parameters(), lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
     model.train()
     if hooks is not None:
         hooks.begin(model)
-    total, steps = 0.0, 0
+    total, steps = torch.zeros((), device=device), 0
     for xb, yb in batches:
+        xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(xb), yb)
+        with autocast(device, precision):
+            logits = model(xb)
+        loss = F.cross_entropy(logits.float(), yb)
         objective = loss if hooks is None else hooks.loss(model, loss)
         objective.backward()
         if hooks is not None:
@@ -91,9 +99,9 @@ def local_train_on(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
         opt.step()
         if hooks is not None:
             hooks.after_step(model)
-        total += float(loss.detach())
+        total += loss.detach()
         steps += 1
-    return LocalResult(get_flat(model) - start, total / max(steps, 1), steps)
+    return LocalResult(get_flat(model) - start, float(total) / max(steps, 1), steps)
 
 
 def local_train(
@@ -112,6 +120,7 @@ def batch_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.
     """Flat gradient of the mean cross-entropy of one batch: what a FedSGD client shares."""
     model.eval()
     params = [p for p in model.parameters() if p.requires_grad]
-    loss = F.cross_entropy(model(x), y)
+    device = params[0].device
+    loss = F.cross_entropy(model(x.to(device)), y.to(device))
     grads = torch.autograd.grad(loss, params)
     return torch.cat([g.reshape(-1) for g in grads]).detach()

@@ -1,8 +1,14 @@
 """Client engines: how the clients of a round are run in this process (a registry).
 
-An engine turns the round's :class:`~flsec.fl.rounds.ClientTask`\\ s into replies. ``sequential``
-runs :func:`~flsec.fl.rounds.run_client` one client after another on one scratch model; it is the
-reference every other engine must agree with.
+An engine turns the round's :class:`~flsec.fl.rounds.ClientTask`\\ s into replies, in task order.
+
+* ``sequential`` runs :func:`~flsec.fl.rounds.run_client` one client after another on one scratch
+  model; it is the reference every other engine must agree with.
+* ``vectorised`` trains ``runtime.client_chunk`` clients at once with ``torch.func``
+  (:mod:`flsec.fl.vectorised`), with the same batches, poisoning, optimiser maths and replies;
+  clients whose attack changes local optimisation (:class:`~flsec.fl.client.TrainingHooks`) are run
+  sequentially.
+* ``auto`` picks one of the two from the device, the batch size and the model (:func:`choose_engine`).
 """
 
 from __future__ import annotations
@@ -10,21 +16,29 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+import torch
+
+from flsec.errors import ConfigError
 from flsec.fl.federation import Federation
-from flsec.fl.rounds import ClientReply, ClientTask, run_client
+from flsec.fl.rounds import ClientReply, ClientTask, finish_client, prepare_client, run_client
+from flsec.fl.vectorised import train_clients, unsupported_reason
+from flsec.models import build_model
 from flsec.registry import Registry
 
 
 class ClientEngine(Protocol):
+    name: str
+
     def run(self, tasks: Sequence[ClientTask]) -> list[ClientReply]: ...
 
 
 CLIENT_ENGINES: Registry[Callable[[Federation], ClientEngine]] = Registry("client engine")
 
-
 @CLIENT_ENGINES.register("sequential")
 class SequentialClients:
     """One client after another, each starting from the global weights on a shared scratch model."""
+
+    name = "sequential"
 
     def __init__(self, fed: Federation) -> None:
         self.fed = fed
@@ -32,3 +46,61 @@ class SequentialClients:
 
     def run(self, tasks: Sequence[ClientTask]) -> list[ClientReply]:
         return [run_client(self.fed, self.model, t) for t in tasks]
+
+
+@CLIENT_ENGINES.register("vectorised")
+class VectorisedClients:
+    """Chunks of ``runtime.client_chunk`` clients trained at once; the same replies as ``sequential``
+    up to float rounding. Clients are grouped by step count (then id) so that a chunk's clients
+    finish together; memory is bounded by one chunk of stacked weights, momenta and activations."""
+
+    name = "vectorised"
+
+    def __init__(self, fed: Federation) -> None:
+        self.fed = fed
+        self.model = fed.new_model()
+        reason = unsupported_reason(self.model)
+        if reason is not None:
+            raise ConfigError(f"runtime.client_engine: 'vectorised' cannot train model '{fed.config.model.name}' "
+                              f"({reason}); allowed for it: sequential, auto")
+        self.chunk = fed.config.runtime.client_chunk
+
+    def run(self, tasks: Sequence[ClientTask]) -> list[ClientReply]:
+        fed, spec = self.fed, self.fed.local_spec
+        replies: dict[int, ClientReply] = {}
+        plain = []
+        for task in tasks:
+            # An attacker (its own data, local spec and hooks) or a hooked client: the reference path.
+            if fed.attacking(task.client, task.round) or fed.training_hooks(task.client, task.round) is not None:
+                replies[task.client] = run_client(fed, self.model, task)
+            else:
+                plain.append(task)
+        steps = {t.client: spec.steps(len(fed.shards[t.client])) for t in plain}
+        plain.sort(key=lambda t: (steps[t.client], t.client))
+        for lo in range(0, len(plain), self.chunk):
+            chunk = plain[lo : lo + self.chunk]
+            jobs = [prepare_client(fed, self.model, t) for t in chunk]
+            starts = torch.stack([t.global_weights for t in chunk])
+            results = train_clients(self.model, starts, [j.batches for j in jobs], [j.steps for j in jobs], spec,
+                                    fed.runtime.precision)
+            for task, job, res in zip(chunk, jobs, results, strict=True):
+                replies[task.client] = finish_client(fed, task, job, res)
+        return [replies[t.client] for t in tasks]
+
+
+def choose_engine(fed: Federation) -> str:
+    """``auto``: the vectorised engine on an accelerator (CUDA, MPS), where one small client leaves
+    the device idle; the sequential one on a CPU, where benchmarks/results/throughput.md measured
+    vectorising slower at every batch size tried (0.36-0.96x at batch 10-64, 20-100 clients: one
+    client's batch already keeps a core busy, and vmapped convolutions become slower grouped ones);
+    sequential also for models the vectorised engine cannot train and for one client per round."""
+    if fed.runtime.device.type == "cpu" or fed.config.clients_per_round == 1:
+        return "sequential"
+    if unsupported_reason(build_model(fed.config.model.name, fed.spec, fed.config.seed)) is not None:
+        return "sequential"
+    return "vectorised"
+
+
+@CLIENT_ENGINES.register("auto")
+def auto_engine(fed: Federation) -> ClientEngine:
+    return CLIENT_ENGINES.get(choose_engine(fed))(fed)

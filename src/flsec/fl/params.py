@@ -8,11 +8,22 @@ from torch import nn
 
 
 def get_flat(model: nn.Module) -> torch.Tensor:
-    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+    """All parameters as one new vector, each in its logical (row-major) element order whatever its
+    memory format, on the parameters' device."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
+@torch.no_grad()
 def set_flat(model: nn.Module, flat: torch.Tensor) -> None:
-    torch.nn.utils.vector_to_parameters(flat.detach().clone(), model.parameters())
+    """Copy a vector of :func:`get_flat`'s layout into the parameters, in place: each parameter keeps
+    its device and memory format (e.g. channels-last convolution weights)."""
+    offset = 0
+    for p in model.parameters():
+        n = p.numel()
+        p.copy_(flat[offset : offset + n].view_as(p))
+        offset += n
+    if offset != flat.numel():
+        raise ValueError(f"vector has {flat.numel()} values, the model {offset}")
 
 
 def unflatten(model: nn.Module, flat: torch.Tensor) -> dict[str, torch.Tensor]:

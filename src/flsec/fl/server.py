@@ -21,8 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from flsec.aggregation import AggregationContext, build_aggregator, params_from_config
+from flsec.attacks.base import KNOWLEDGE, PREVIOUS_GLOBAL_UPDATE
+from flsec.attacks.durability import rounds_since_attack
 from flsec.config import ExperimentConfig
-from flsec.errors import CheckpointError, FlsecError
+from flsec.errors import CheckpointError, ConfigError, FlsecError
 from flsec.faults import fault_point
 from flsec.fl.checkpoint import (
     ALIASES,
@@ -42,6 +44,9 @@ from flsec.fl.rounds import AGGREGATE, SELECT, ClientReply, ClientTask
 from flsec.lock import locked_dir
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
+
+# The server's own resume state travels in the state file next to the aggregator's, under this prefix.
+SERVER_STATE = "server."
 
 
 class TrainingDivergedError(FlsecError):
@@ -93,8 +98,15 @@ class Server:
         self.finished: Checkpoint | None = None
         self.cap_rounds, self.cap_clients = capture_plan(config)
         self.timings: list[dict[str, float]] = []
+        self.client_engine = config.runtime.client_engine
+        self._saving = 0.0
         self.seconds: list[float] = []
         self._round: tuple[int, list[int], torch.Tensor, float] | None = None
+        unknown = self.fed.attack.needs - KNOWLEDGE
+        if unknown:
+            raise ConfigError(f"attack.kind: '{config.attack.kind}' needs {sorted(unknown)}, which the server does "
+                              f"not provide; it provides: {', '.join(sorted(KNOWLEDGE))}")
+        self.previous_update: torch.Tensor | None = None  # the last global update (G_r - G_{r-1})
         if out is not None:  # None: a dry run that builds and checks everything and writes nothing
             self._open(resume)
 
@@ -119,8 +131,12 @@ class Server:
                 return
             state = ckpt.state()
             self.model.load_state_dict({k[len("model/"):]: v for k, v in state.items() if k.startswith("model/")})
-            self.aggregator.load_state_dict(
-                {k[len("aggregator/"):]: v for k, v in state.items() if k.startswith("aggregator/")})
+            saved = {k[len("aggregator/"):]: v for k, v in state.items() if k.startswith("aggregator/")}
+            self.aggregator.load_state_dict({k: v.to(self.aggregation_device) for k, v in saved.items()
+                                             if not k.startswith(SERVER_STATE)})
+            self.previous_update = saved.get(SERVER_STATE + PREVIOUS_GLOBAL_UPDATE)
+            if self.previous_update is not None:
+                self.previous_update = self.previous_update.to(self.fed.runtime.device)
             self.history = ckpt.history[: ckpt.round]
             self.writer.resume_from(ckpt)
             self.start_round = ckpt.round + 1
@@ -136,8 +152,13 @@ class Server:
     def _meta_extra(self) -> dict[str, Any]:
         return {"malicious_ids": sorted(self.fed.malicious), "seconds_per_round": list(self.seconds),
                 "input_spec": dataclasses.asdict(self.fed.spec),
-                "runtime": {"device": "cpu", "threads": torch.get_num_threads(),
-                            "precision": self.config.runtime.precision}}
+                "runtime": {**self.fed.runtime.describe(), "client_engine": self.client_engine}}
+
+    @property
+    def aggregation_device(self) -> torch.device:
+        """Where the update stack is aggregated: the run's device for rules that declare
+        ``supports_device = True`` (pure tensor maths), the CPU for the others (e.g. NumPy-based)."""
+        return self.fed.runtime.device if getattr(self.aggregator, "supports_device", False) else torch.device("cpu")
 
     @property
     def rounds(self) -> range:
@@ -148,12 +169,31 @@ class Server:
         """Select the round's clients and build their tasks (in increasing client id)."""
         selected = select_clients(self.config.seed, r, self.config.training.num_clients, self.per_round)
         attackers = sum(self.fed.attacking(c, r) for c in selected)
+        t0 = time.perf_counter()
         if r in self.cap_rounds and self.cap_clients & set(selected):
             self.writer.write_round_model(r, self.model)
         global_flat = get_flat(self.model)
-        self._round = (r, selected, global_flat, time.perf_counter())
+        self.fed.stopwatch.pop("attack")
+        t_begin = time.perf_counter()
+        self._saving = t_begin - t0
+        self._round = (r, selected, global_flat, t_begin)
+        knowledge = self.attacker_knowledge()
         return [ClientTask(c, r, global_flat, len(selected), attackers,
-                           capture=r in self.cap_rounds and c in self.cap_clients) for c in selected]
+                           capture=r in self.cap_rounds and c in self.cap_clients,
+                           knowledge=knowledge if self.fed.attacking(c, r) else {}) for c in selected]
+
+    def attacker_knowledge(self) -> dict[str, torch.Tensor]:
+        """The server-side quantities the attack asked for (``Attack.needs``) that exist by now."""
+        out: dict[str, torch.Tensor] = {}
+        if PREVIOUS_GLOBAL_UPDATE in self.fed.attack.needs and self.previous_update is not None:
+            out[PREVIOUS_GLOBAL_UPDATE] = self.previous_update
+        return out
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        state = dict(self.aggregator.state_dict())
+        if PREVIOUS_GLOBAL_UPDATE in self.fed.attack.needs and self.previous_update is not None:
+            state[SERVER_STATE + PREVIOUS_GLOBAL_UPDATE] = self.previous_update
+        return state
 
     def finish_round(self, r: int, replies: Sequence[ClientReply]) -> dict[str, Any]:
         """Store captures, aggregate the replies (in client-id order), evaluate and commit round ``r``."""
@@ -163,10 +203,13 @@ class Server:
         replies = sorted(replies, key=lambda rep: rep.client)
         if [rep.client for rep in replies] != selected:
             raise RuntimeError(f"round {r}: replies from {[rep.client for rep in replies]}, selected {selected}")
+        _sync(self.fed.runtime.device)
         t_clients = time.perf_counter()
+        attack = self.fed.stopwatch.pop("attack")
         for rep in replies:
             if rep.capture is not None:
                 self.writer.write_capture(r, rep.client, rep.capture.sent, rep.capture.truth, rep.capture.meta)
+        t_agg = time.perf_counter()
         updates = [rep.update for rep in replies]
         stack = torch.stack(updates)
         finite = torch.isfinite(stack).all(dim=1)
@@ -174,14 +217,20 @@ class Server:
             raise TrainingDivergedError(f"round {r}: every client update ({len(updates)}) holds NaN or Inf, so "
                                         f"training diverged; lower training.lr (now {self.config.training.lr}). Rounds "
                                         f"up to {r - 1} are saved")
-        t_agg = time.perf_counter()
-        result = self.aggregator(stack, torch.tensor([rep.num_samples for rep in replies]), selected,
-                                 self._context(r, global_flat, [rep.steps for rep in replies]))
-        new_global = global_flat + self.config.training.server_lr * result.update
+        dev = self.aggregation_device
+        ctx = self._context(r, global_flat, [rep.steps for rep in replies])
+        ctx = dataclasses.replace(
+            ctx, global_weights=ctx.global_weights.to(dev),
+            server_update=None if ctx.server_update is None else ctx.server_update.to(dev))
+        with torch.device(dev):
+            result = self.aggregator(stack.to(dev), torch.tensor([rep.num_samples for rep in replies]), selected, ctx)
+        new_global = global_flat + self.config.training.server_lr * result.update.to(global_flat.device)
         if not bool(torch.isfinite(new_global).all()):
             raise TrainingDivergedError(f"round {r}: the aggregated model ({self.config.aggregation.name}) holds NaN or "
                                         f"Inf; training diverged. Rounds up to {r - 1} are saved")
         set_flat(self.model, new_global)
+        _sync(self.fed.runtime.device)
+        self.previous_update = new_global - global_flat
         t_eval = time.perf_counter()
         metrics = self.fed.evaluate(self.model)
         record = {
@@ -200,14 +249,17 @@ class Server:
             record["asr_status"] = "undefined: no test image to measure it on (see the ASR definition)"
         if not bool(finite.all()):
             record["non_finite_updates"] = [c for c, ok in zip(selected, finite.tolist(), strict=True) if not ok]
+        record.update({k: _rounded(v) for k, v in metrics.items() if k not in record})
+        record["rounds_since_attack"] = rounds_since_attack([*self.history, record])
         self.history.append(record)
         t_commit = time.perf_counter()
-        timing = {"clients": t_clients - t_begin, "aggregation": t_eval - t_agg, "evaluation": t_commit - t_eval}
+        timing = {"local_training": t_clients - t_begin - attack, "attack": attack, "aggregation": t_eval - t_agg,
+                  "evaluation": t_commit - t_eval}
         self.seconds.append(sum(timing.values()))
         fault_point("round:before_commit")
-        self.writer.commit_round(r, self.model, self.aggregator.state_dict(), self.history, self._meta_extra(),
+        self.writer.commit_round(r, self.model, self._state(), self.history, self._meta_extra(),
                                  complete=r == self.config.training.rounds)
-        timing["captures_and_commit"] = time.perf_counter() - t_commit + (t_agg - t_clients)
+        timing["capture_and_save"] = time.perf_counter() - t_commit + (t_agg - t_clients) + self._saving
         self.timings.append(timing)
         self._round = None
         return record
@@ -232,6 +284,21 @@ class Server:
         return self.finished or load_checkpoint(self.out)
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so that wall-clock timings are attributed to the right part."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rounded(value: Any) -> Any:
+    """A metric for history.jsonl: floats to 6 decimals (None where undefined), lists element-wise."""
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None  # history.jsonl is strict JSON
+    return value
+
+
 def train(
     config: ExperimentConfig,
     out: Path,
@@ -252,6 +319,7 @@ def train(
         if server.finished is not None:
             return server.finished
         clients = CLIENT_ENGINES.get(config.runtime.client_engine)(server.fed)
+        server.client_engine = getattr(clients, "name", config.runtime.client_engine)
         bar = tqdm(server.rounds, initial=server.start_round - 1, total=config.training.rounds,
                    desc=f"train {config.aggregation.name}", disable=not progress, unit="round", dynamic_ncols=True)
         for r in bar:

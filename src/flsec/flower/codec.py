@@ -18,6 +18,7 @@ from flsec.fl.rounds import CaptureRecord, ClientReply, ClientTask
 GLOBAL, TASK, UPDATE, METRICS, SENT, TRUTH, META = (
     "flsec.global", "flsec.task", "flsec.update", "metrics", "flsec.capture.sent", "flsec.capture.truth",
     "flsec.capture.meta")
+KNOWLEDGE = "flsec.knowledge"  # ClientTask.knowledge: what the server tells an attacking client
 
 
 def _arrays(tensors: dict[str, torch.Tensor]) -> ArrayRecord:
@@ -34,19 +35,23 @@ def global_record(weights: torch.Tensor) -> ArrayRecord:
 
 
 def encode_task(task: ClientTask, weights: ArrayRecord, config_json: str) -> RecordDict:
-    return RecordDict({
+    content = RecordDict({
         GLOBAL: weights,
         TASK: ConfigRecord({"client": task.client, "round": task.round, "num-selected": task.num_selected,
                             "attackers-in-round": task.attackers_in_round, "capture": task.capture,
                             "config": config_json}),
     })
+    if task.knowledge:
+        content[KNOWLEDGE] = _arrays(dict(task.knowledge))
+    return content
 
 
 def decode_task(content: RecordDict) -> tuple[ClientTask, str]:
     t = content.config_records[TASK]
     weights = _tensors(content.array_records[GLOBAL])["flat"]
+    knowledge = _tensors(content.array_records[KNOWLEDGE]) if KNOWLEDGE in content.array_records else {}
     task = ClientTask(int(t["client"]), int(t["round"]), weights, int(t["num-selected"]),
-                      int(t["attackers-in-round"]), capture=bool(t["capture"]))
+                      int(t["attackers-in-round"]), capture=bool(t["capture"]), knowledge=knowledge)
     return task, str(t["config"])
 
 
