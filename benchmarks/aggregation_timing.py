@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -49,6 +53,24 @@ def resnet18_stack(k: int, attackers: int) -> tuple[torch.Tensor, slice, slice]:
     return stack, layer, weights
 
 
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
@@ -68,6 +90,9 @@ def main() -> None:
         saved = json.loads(out.with_suffix(".json").read_text())
         if saved.get("settings") == settings:
             results = saved["results"]
+    run = {"command": " ".join(["python", "benchmarks/aggregation_timing.py", *sys.argv[1:]]), "commit": git_commit(),
+           "machine": f"{cpu_name()}, {multiprocessing.cpu_count()} cores, torch {torch.__version__}",
+           "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
     params = AggregatorParams(f=args.attackers, output_layer=layer, output_weights=weights,
                               num_clients=args.clients, clip_norm=float(stack[0].norm()))
     g0 = stack[args.attackers:].mean(0)
@@ -84,23 +109,25 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
             assert torch.isfinite(res.update).all()
         results[rule] = {"seconds": statistics.median(times), "all": [round(t, 3) for t in times],
-                         "attackers_weight": float(res.weights[: args.attackers].sum())}
+                         "attackers_weight": float(res.weights[: args.attackers].sum()), **run}
         print(f"{rule:13s} {results[rule]['seconds']:.3f}s  (runs {results[rule]['all']})", flush=True)
         write_json(out.with_suffix(".json"), {"settings": settings, "results": results})
 
+    cells = {(results[r].get("commit", "?"), results[r].get("machine", "?")) for r in results}
     lines = [f"# Aggregation step, {stack.shape[1]:,} parameters (CIFAR ResNet-18), {args.clients} clients", "",
-             f"`python benchmarks/aggregation_timing.py --threads {args.threads} --clients {args.clients} "
-             f"--repeats {args.repeats}`; {args.threads} torch thread(s) on {platform.machine()} "
-             f"({platform.processor() or 'cpu'}), torch {torch.__version__}; median of {args.repeats} calls.", "",
-             "| rule | seconds (ours, CPU) | seconds (paper) | ours / paper | attackers' weight |",
+             f"Command: `{run['command']}`  ",
+             f"{args.threads} torch thread(s); median of {args.repeats} calls per rule; "
+             + "; ".join(f"git commit {c}, {m}" for c, m in sorted(cells)) + ".", "",
+             "| rule | s / round (ours, CPU) | s / round (paper) | ours / paper | attackers' weight |",
              "|---|---|---|---|---|"]
     for rule in [r for r in RULES if r in results]:
         s, p = results[rule]["seconds"], PAPER.get(rule)
-        ratio = f"{s / p:.1f}x" if p else "—"
+        ratio = "—" if not p else f"{s / p:.2f}x ({'slower' if s > p else 'faster'})"
         lines.append(f"| {rule} | {s:.3f} | {p if p else '—'} | {ratio} | {results[rule]['attackers_weight']:.3f} |")
     lines.append("")
-    lines.append("Paper: FL-Defender's runtime figure (CIFAR10-ResNet18, 20 peers), measured with the authors' "
-                 "code, which aggregates state dicts on the CPU of their machine.")
+    lines.append("Paper: FL-Defender's runtime figure (figures/runtime.PNG of najeebjebreel/FL-Defender; "
+                 "CIFAR10-ResNet18, 20 peers), measured with the authors' code on their machine; the authors' "
+                 "code moves the local models to the CPU before aggregating. 'ours / paper' > 1 means slower.")
     write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     write_json(out.with_suffix(".json"), {"settings": settings, "results": results})
     print("\n".join(lines))

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import tempfile
 import time
@@ -98,6 +100,16 @@ def main() -> None:
                   f"({time.perf_counter() - t0:.0f}s)", flush=True)
             write_json(out.with_suffix(".json"), {"rounds": args.rounds, "results": results})
 
+    cfg0 = load_config(ROOT / "configs" / "mnist_defense.toml", [f"data.data_dir={json.dumps(args.data_dir)}"])
+    header = ["# Defense table: MA and ASR per aggregation rule", "",
+              f"Command: `python benchmarks/defense_table.py --rounds {args.rounds} --threads 1` (resumable: each cell "
+              "records the commit and threads it ran with, listed below; `--rules` / `--rerun` recompute cells).  ",
+              f"Setting (configs/mnist_defense.toml): {cfg0.data.name}, {cfg0.data.train_size} train / "
+              f"{cfg0.data.test_size} test images, {cfg0.training.num_clients} clients, Dirichlet({cfg0.data.alpha}), "
+              f"{cfg0.attack.num_malicious} backdoor attackers (poison fraction {cfg0.attack.poison_fraction}, target "
+              f"{cfg0.attack.target_label}), {args.rounds} rounds, seed {cfg0.seed}; "
+              f"machine: {platform.processor() or platform.machine()}, "
+              f"{os.cpu_count()} cores, torch {torch.__version__}.", ""]
     lines = ["| rule | no attack MA | no attack ASR | backdoor MA | backdoor ASR | boosted MA | boosted ASR | holds? |",
              "|---|---|---|---|---|---|---|---|"]
     reference = results.get("fedavg", {}).get("no attack", {}).get("ma")
@@ -116,7 +128,7 @@ def main() -> None:
             f"of FedAvg's no-attack MA (the federation's clean baseline). {args.rounds} rounds; f = 2; norm_clip "
             f"M = {args.clip_norm}; FLTrust root dataset 100 images.\n\nCells computed at: " + "; ".join(provenance)
             + ".\n")
-    write_text(out.with_suffix(".md"), "\n".join(lines) + note)
+    write_text(out.with_suffix(".md"), "\n".join(header + lines) + note)
     write_json(out.with_suffix(".json"), {"rounds": args.rounds, "results": results})
     print("\n".join(lines))
 

@@ -37,6 +37,7 @@ import dataclasses
 import json
 import multiprocessing
 import platform
+import random
 import subprocess
 import sys
 import tempfile
@@ -123,10 +124,56 @@ class PaperFederation(Federation):
         return out
 
 
-def with_paper_attackers(cfg: ExperimentConfig) -> tuple[ExperimentConfig, PaperFederation]:
-    """The authors pick the attackers as the first ``num_malicious`` peers, in a random order of all
-    peers, that hold source-class samples; the same here, from a seeded permutation."""
+def authors_split(labels: np.ndarray, num_peers: int, alpha: float, seed: int, attackers_ratio: float,
+                  source: int) -> tuple[list[np.ndarray], list[int]]:
+    """The authors' partition and attacker draw, replayed from their seed (``sampling.py``,
+    ``sample_dirichlet``; ``environment_federated.py``, ``FL.__init__``): Python's ``random`` and
+    NumPy's legacy global generator seeded with ``seed``; per class 0..9 in turn, the class's indices
+    (in dataset order) shuffled with ``random.shuffle`` and the peers' shares drawn with
+    ``np.random.dirichlet``, ``round(share x class size)`` indices each, taken in order (what rounding
+    leaves over is dropped); then the peers shuffled with ``random.shuffle`` and the first
+    ``int(attackers_ratio x #peers holding the source class)`` of them holding source samples attack.
+    On the full MNIST training split in file order this is the authors' exact split (it assumes, as
+    their code does, that nothing else draws from these generators in between)."""
+    py = random.Random(seed)
+    legacy = np.random.RandomState(seed)
+    held: list[list[int]] = [[] for _ in range(num_peers)]
+    for n in range(int(labels.max()) + 1):
+        idx = [int(i) for i in np.flatnonzero(labels == n)]
+        py.shuffle(idx)
+        shares = len(idx) * legacy.dirichlet(np.array(num_peers * [alpha]))
+        for peer in range(num_peers):
+            take = round(float(shares[peer]))  # Python round, as the authors: half to even
+            held[peer] += idx[:take]
+            idx = idx[take:]
+    shards = [np.sort(np.array(h, dtype=np.int64)) for h in held]
+    has_source = [bool((labels[s] == source).any()) for s in shards]
+    m = int(attackers_ratio * sum(has_source))
+    order = list(range(num_peers))
+    py.shuffle(order)
+    attackers = [p for p in order if has_source[p]][:m]
+    return shards, sorted(attackers)
+
+
+def with_paper_attackers(cfg: ExperimentConfig, split: str = "authors") -> tuple[ExperimentConfig, PaperFederation]:
+    """``split = "authors"``: the authors' partition and attackers (:func:`authors_split`);
+    ``"flsec"``: flsec's Dirichlet partition, and the attackers drawn as the authors do (the first
+    ``num_malicious`` peers holding source-class samples in a seeded random order of the peers)."""
     fed = PaperFederation.from_config(cfg)
+    if split == "authors":
+        labels = fed.data.y_train.numpy()
+        ratio = cfg.attack.num_malicious / cfg.training.num_clients
+        shards, ids = authors_split(labels, cfg.training.num_clients, cfg.data.alpha, cfg.seed, ratio,
+                                    cfg.attack.source_label)
+        fed = dataclasses.replace(fed, shards=shards)
+        if cfg.attack.kind == "none":
+            return cfg, fed
+        if len(ids) != cfg.attack.num_malicious:
+            raise SystemExit(f"the authors' draw gives {len(ids)} attackers; {cfg.attack.num_malicious} asked")
+        cfg = cfg.model_copy(update={"attack": cfg.attack.model_copy(update={"malicious_ids": ids})})
+        return cfg, dataclasses.replace(fed, config=cfg, malicious=frozenset(ids))
+    if split != "flsec":
+        raise SystemExit(f"--split: unknown '{split}'; allowed: authors, flsec")
     if cfg.attack.kind == "none":
         return cfg, fed
     holds = [bool((fed.data.y_train[torch.from_numpy(s)] == cfg.attack.source_label).any()) for s in fed.shards]
@@ -139,13 +186,13 @@ def with_paper_attackers(cfg: ExperimentConfig) -> tuple[ExperimentConfig, Paper
 
 
 def run_cell(cfg: ExperimentConfig, cell_seed: int, curve_images: int | None = None, threads: int | None = None,
-             average_last: int = 10) -> dict[str, Any]:
+             average_last: int = 10, split: str = "authors") -> dict[str, Any]:
     """Train one (attack, rule) cell; evaluate the last round's model and the average of the last
     ``average_last`` global models (the authors' reported model) on the whole test set."""
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(cell_seed)  # dropout draws from torch's global generator
-    cfg, fed = with_paper_attackers(cfg)
+    cfg, fed = with_paper_attackers(cfg, split)
     fed.curve_images = curve_images
     rounds = cfg.training.rounds
     t0 = time.perf_counter()
@@ -226,11 +273,16 @@ def pct(v: float | None) -> str:
 def write_report(out: Path, saved: dict[str, Any]) -> None:
     s = saved["settings"]
     lines = ["# FL-Defender reproduction (MNIST, 20 peers, 4 attackers, Dirichlet alpha = 1)", "",
-             f"Command: `{s['command']}`  ", f"git commit {s['commit']}, seed {s['seed']}, "
+             f"Command: `{s['command']}`"
+             + (" (run before `--split` existed; today's equivalent adds `--split flsec`)"
+                if s.get("split") == "flsec" and "--split" not in s["command"] else "") + "  ",
+             f"git commit {s['commit']}, seed {s['seed']}, "
              f"{s['threads']} torch thread(s), {s['machine']}.", "",
              f"Setting as run: {s['rounds']} rounds (paper 100), {s['train_size']} MNIST training images "
-             f"(paper 60,000), {s['test_size']} test images (paper 10,000); everything else as the paper "
-             "(see the setting below).", ""]
+             f"(paper 60,000), {s['test_size']} test images (paper 10,000); partition and attackers: "
+             + ("the authors' seeded draw, replayed (`--split authors`)" if s.get("split") == "authors" else
+                "flsec's Dirichlet(1) partition, attackers drawn as the authors do (`--split flsec`)")
+             + "; everything else as the paper (see the setting below).", ""]
     baseline = saved["results"].get("no_attack", {})
     for attack in ATTACKS:
         cells = {**baseline, **saved["results"].get(attack, {})}
@@ -254,18 +306,27 @@ def write_report(out: Path, saved: dict[str, Any]) -> None:
                 f"{c['aggregation_seconds_per_round']:.4f} / {sec if sec is not None else '—'} |")
         lines.append("")
     lines.append(SETTING)
-    write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    text = "\n".join(lines) + "\n"
+    md = out.with_suffix(".md")
+    if md.exists() and GAP_MARK in md.read_text():  # the written analysis of the gap is kept
+        text += "\n" + GAP_MARK + md.read_text().split(GAP_MARK, 1)[1]
+    write_text(md, text)
 
 
+GAP_MARK = "## Gap"
 SETTING = """## The paper's setting, as extracted from the authors' code
 
 * Data: MNIST, `sample_dirichlet(alpha=1)` ("MILD_NON_IID"): per class, peer shares ~ Dir(1 x 20),
   `round(share x class size)` images each, taken in order (a few left over by rounding are
-  dropped). flsec uses its Dirichlet(1) split (`data.partition = "dirichlet"`, every sample assigned,
-  re-drawn until each peer holds >= 8 samples).
+  dropped). `--split authors` (the default) replays that seeded draw, attackers included
+  (`authors_split`: on the full training split it gives the authors' peers 1, 2, 11, 19 as
+  attackers; on a `--train-size` subset it runs the same algorithm on the subset); `--split flsec`
+  uses flsec's Dirichlet(1) split (`data.partition = "dirichlet"`, every sample assigned, re-drawn
+  until each peer holds >= 8 samples).
 * Attackers: `attackers_ratio = 0.2` of the peers that hold source-class samples (all 20 here) = 4:
   the first 4 such peers in a random order of the peers; they attack in every round
-  (`malicious_behavior_rate = 1`). The script draws them the same way from a seeded permutation.
+  (`malicious_behavior_rate = 1`). With `--split flsec` the script draws them the same way from a
+  seeded permutation.
 * Label flipping: the attackers' source-class samples (9) are relabelled to the target (0); ASR =
   share of source-class test images predicted as the target (`lf_asr` from the confusion matrix).
 * Backdoor: in every batch of an attacker, the batch's source-class images are copied, their
@@ -302,6 +363,8 @@ def main() -> None:
     ap.add_argument("--curve-images", type=int, default=None,
                     help="test images for the per-round curve (default: all; reported numbers always use all)")
     ap.add_argument("--set", action="append", default=[], help="extra config override, e.g. runtime.device=\"cuda\"")
+    ap.add_argument("--split", default="authors", choices=["authors", "flsec"],
+                    help="the authors' seeded partition and attackers (default) or flsec's Dirichlet partition")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fl_defender_reproduction"))
     args = ap.parse_args()
     if args.threads:
@@ -310,10 +373,11 @@ def main() -> None:
     out = Path(args.out)
     probe = cell_config("backdoor", "fedavg", args)
     settings = {"rounds": probe.training.rounds, "train_size": probe.data.train_size or 60000,
-                "test_size": probe.data.test_size or 10000, "seed": probe.seed, "extra": args.set}
+                "test_size": probe.data.test_size or 10000, "seed": probe.seed, "extra": args.set, "split": args.split}
     saved: dict[str, Any] = {"settings": {}, "results": {}}
     if out.with_suffix(".json").exists():
         saved = json.loads(out.with_suffix(".json").read_text())
+        saved["settings"].setdefault("split", "flsec")  # tables computed before --split existed
         if {k: saved["settings"].get(k) for k in settings} != settings:
             print(f"{out.with_suffix('.json')} holds another setting; starting afresh", flush=True)
             saved = {"settings": {}, "results": {}}
@@ -337,7 +401,8 @@ def main() -> None:
                 todo.append((key, rule, cell_config(attack, rule, args)))
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_cell, cfg, derive_seed(cfg.seed, list(ATTACKS).index(cfg_attack(cfg)),
-                                                          order.index(rule)), args.curve_images, args.threads): (key, rule)
+                                                          order.index(rule)), args.curve_images, args.threads, 10,
+                                 args.split): (key, rule)
                    for key, rule, cfg in todo}
         for future in as_completed(futures):
             key, rule = futures[future]

@@ -40,6 +40,25 @@ def test_every_rule_is_registered() -> None:
     assert set(RULES) <= set(AGGREGATORS.names())
 
 
+@pytest.mark.parametrize("rule", RULES)
+def test_every_rule_names_its_paper_in_one_place(rule: str) -> None:
+    """The registry's citation (shown by the HTML report) names the paper README's defense table gives."""
+    import re
+
+    from flsec.aggregation import describe
+
+    cls = AGGREGATORS.get(rule)
+    m = re.match(r'(?P<who>[^"]+ (?:19|20)\d\d), "(?P<title>[^"]+)", \S', cls.citation)
+    assert cls.summary and m, cls.citation
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("## Defenses", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("|") and f"`{rule}`" in line.split("|")[1]]
+    assert len(rows) == 1, rule
+    assert m["who"] in rows[0] and f'"{m["title"]}"' in rows[0]
+    text = describe(rule)
+    assert text.startswith(f"{rule}: ") and cls.citation in text and "`" not in text
+
+
 @settings(max_examples=30, deadline=None)
 @given(matrices(), st.randoms(use_true_random=False))
 def test_permutation_invariance(u: torch.Tensor, rnd) -> None:

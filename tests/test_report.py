@@ -8,8 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from flsec.aggregation import AGGREGATORS
 from flsec.errors import FlsecError
-from flsec.report.html import write_report
+from flsec.fl.server import train
+from flsec.report.html import _defense, write_report
+from tests.conftest import small_config
 
 HOSTILE = "<script>alert('x')</script><img src=x onerror=alert(1)>"
 
@@ -74,3 +77,29 @@ def test_report_states_durability_and_dba_parts(run_dir: Path) -> None:
     assert _training_notes([{"round": 1, "asr": 0.1, "attackers": []}]) == []
     write_report(run_dir)  # the fixture's attackers attack in every round: nothing to say on durability
     assert "Durability:" not in (run_dir / "report.html").read_text()
+
+
+def _escaped(text: str) -> str:
+    return text.replace("&", "&amp;").replace('"', "&#34;").replace("'", "&#39;")
+
+
+@pytest.mark.parametrize("rule", ["fedavg", "multi_krum"])
+def test_report_names_the_paper_of_the_run_defense(trained_run: Path, tmp_path: Path, rule: str) -> None:
+    out = tmp_path / "run"
+    if rule == "fedavg":
+        shutil.copytree(trained_run, out / "train")
+    else:
+        train(small_config(training={"rounds": 1}, aggregation={"name": rule, "f": 1}), out / "train", progress=False)
+    page = write_report(out).read_text()
+    cls = AGGREGATORS.get(rule)
+    assert f"<p class=\"note\">{rule}: " in page
+    assert _escaped(cls.citation) in page
+    year = {"fedavg": "McMahan et al. 2017", "multi_krum": "Blanchard et al. 2017"}[rule]
+    assert year in page
+    other = AGGREGATORS.get("fl_defender").citation
+    assert _escaped(other) not in page  # only the run's rule is described
+
+
+def test_report_of_an_unknown_rule_names_it_without_a_paper() -> None:
+    assert _defense("my_plugin_rule") == "my_plugin_rule: not a registered aggregation rule in this installation " \
+                                         "(no description)."

@@ -52,10 +52,17 @@ def params_from_config(config: ExperimentConfig, model: nn.Module) -> Aggregator
     )
 
 
+def describe(name: str) -> str:
+    """One sentence on the registered rule ``name``: what it computes and the paper it follows."""
+    rule = AGGREGATORS.get(name)
+    summary = rule.summary.replace("`", "")
+    return f"{name}: {summary}. Follows {rule.citation}." if rule.citation else f"{name}: {summary or 'no description'}."
+
+
 def uses_root_data(name: str) -> bool:
     """Whether the registered rule ``name`` needs a server root dataset kept out of the training split."""
     return bool(getattr(AGGREGATORS.get(name), "uses_root_data", False))
 
 
 __all__ = ["AGGREGATORS", "AggregationContext", "AggregationError", "AggregationResult", "Aggregator",
-           "AggregatorParams", "build_aggregator", "params_from_config", "uses_root_data"]
+           "AggregatorParams", "build_aggregator", "describe", "params_from_config", "uses_root_data"]

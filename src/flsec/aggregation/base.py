@@ -107,6 +107,10 @@ class Aggregator:
     """Base class: subclasses implement :meth:`_aggregate` on the finite float32 rows only."""
 
     name: ClassVar[str] = "base"
+    #: One line on what the rule computes (README's defense table and the HTML report show it).
+    summary: ClassVar[str] = ""
+    #: The paper the rule follows: authors year, "title" (venue), and the reference code where used.
+    citation: ClassVar[str] = ""
     #: Context fields the rule needs (``"global_weights"``, ``"server_update"``, ``"generator"``);
     #: a rule that declares any gets ``context=`` in :meth:`_aggregate`.
     needs: ClassVar[frozenset[str]] = frozenset()

@@ -68,6 +68,8 @@ def bulyan(updates: torch.Tensor, f: int) -> tuple[torch.Tensor, torch.Tensor]:
 @AGGREGATORS.register("bulyan")
 class Bulyan(Aggregator):
     name = "bulyan"
+    summary = "k - 2f recursive Krum selections, then per coordinate the mean of the k - 4f values closest to the median"
+    citation = "El Mhamdi, Guerraoui & Rouault 2018, \"The Hidden Vulnerability of Distributed Learning in Byzantium\", ICML"
 
     def min_updates(self) -> int:
         return 4 * self.params.f + 3

@@ -34,6 +34,11 @@ def fedavg(updates: torch.Tensor, num_samples: torch.Tensor | None = None) -> tu
 @AGGREGATORS.register("fedavg")
 class FedAvg(Aggregator):
     name = "fedavg"
+    summary = "sample-weighted mean of the updates (`sample_weighted = false`: plain mean)"
+    citation = (
+        "McMahan et al. 2017, \"Communication-Efficient Learning of Deep Networks from Decentralized Data\", "
+        "AISTATS, Alg. 1"
+    )
 
     def _aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[int]) -> AggregationResult:
         return AggregationResult(*fedavg(updates, num_samples if self.params.sample_weighted else None))

@@ -79,6 +79,14 @@ class FLDefender(Aggregator):
     """Stateful: keeps each peer's accumulated score."""
 
     name = "fl_defender"
+    summary = (
+        "cosine similarity of output-layer updates, standardised, PCA, cosine to the median centroid, "
+        "accumulated trust"
+    )
+    citation = (
+        "Jebreel & Domingo-Ferrer 2023, \"FL-Defender: Combating Targeted Attacks in Federated Learning\", "
+        "Knowledge-Based Systems 260 (code: najeebjebreel/FL-Defender)"
+    )
 
     def __init__(self, params=None) -> None:  # type: ignore[no-untyped-def]
         super().__init__(params)

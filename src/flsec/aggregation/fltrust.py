@@ -48,6 +48,8 @@ def fltrust(updates: torch.Tensor, server_update: torch.Tensor) -> tuple[torch.T
 @AGGREGATORS.register("fltrust")
 class FLTrust(Aggregator):
     name = "fltrust"
+    summary = "trust = ReLU(cos) to the server's own update on `root_size` clean samples, magnitudes normalised to it"
+    citation = "Cao, Fang, Liu & Gong 2021, \"FLTrust: Byzantine-robust Federated Learning via Trust Bootstrapping\", NDSS"
     needs = frozenset({"server_update"})
     uses_root_data = True
 

@@ -62,6 +62,11 @@ class FoolsGold(Aggregator):
     """Stateful: keeps each client's sum of past updates (the history H_i of Algorithm 1), float64."""
 
     name = "foolsgold"
+    summary = "down-weights clients whose update histories are alike (sybils): cosine similarity, pardoning, logit"
+    citation = (
+        "Fung, Yoon & Beschastnikh 2020, \"The Limitations of Federated Learning in Sybil Settings\", RAID "
+        "(code: DistributedML/FoolsGold)"
+    )
 
     def __init__(self, params=None) -> None:  # type: ignore[no-untyped-def]
         super().__init__(params)

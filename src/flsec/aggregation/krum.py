@@ -71,6 +71,8 @@ def multi_krum(updates: torch.Tensor, f: int, m: int = 1) -> tuple[torch.Tensor,
 @AGGREGATORS.register("krum")
 class Krum(Aggregator):
     name = "krum"
+    summary = "the update with the least sum of squared distances to its k - f - 2 nearest others"
+    citation = "Blanchard et al. 2017, \"Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent\", NeurIPS"
 
     def min_updates(self) -> int:
         return 2 * self.params.f + 3
@@ -91,6 +93,8 @@ class Krum(Aggregator):
 @AGGREGATORS.register("multi_krum")
 class MultiKrum(Krum):
     name = "multi_krum"
+    summary = "mean of the `multi_krum_m` updates with the best Krum scores (default k - f)"
+    citation = "Blanchard et al. 2017, \"Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent\", NeurIPS"
 
     def _m(self, k: int) -> int:
         return self.params.multi_krum_m or k - self.params.f

@@ -18,6 +18,8 @@ def coordinate_median(updates: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 @AGGREGATORS.register("median")
 class Median(Aggregator):
     name = "median"
+    summary = "coordinate-wise median"
+    citation = "Yin et al. 2018, \"Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates\", ICML, Def. 1"
 
     def min_updates(self) -> int:
         return 2 * self.params.f + 1

@@ -54,6 +54,8 @@ def norm_clip(updates: torch.Tensor, bound: float, sigma: float = 0.0,
 @AGGREGATORS.register("norm_clip")
 class NormClip(Aggregator):
     name = "norm_clip"
+    summary = "every update clipped to norm `clip_norm`, averaged, Gaussian noise `clip_noise` (weak DP)"
+    citation = "Sun, Kairouz, Suresh & McMahan 2019, \"Can You Really Backdoor Federated Learning?\", NeurIPS FL workshop"
     needs = frozenset({"generator"})
 
     def validate(self, per_round: int) -> None:

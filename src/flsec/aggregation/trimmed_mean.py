@@ -37,6 +37,8 @@ def trimmed_mean(updates: torch.Tensor, beta: int) -> tuple[torch.Tensor, torch.
 @AGGREGATORS.register("trimmed_mean")
 class TrimmedMean(Aggregator):
     name = "trimmed_mean"
+    summary = "coordinate-wise mean after dropping the `trim_beta` largest and smallest values (default f)"
+    citation = "Yin et al. 2018, \"Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates\", ICML, Def. 2"
 
     @property
     def beta(self) -> int:

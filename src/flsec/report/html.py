@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
+from flsec.aggregation import describe
 from flsec.attacks.backdoor import make_trigger
 from flsec.attacks.durability import durability
 from flsec.errors import FlsecError
@@ -95,6 +96,15 @@ def _training_notes(history: list[dict[str, Any]]) -> list[str]:
         notes.append(f"Distributed trigger: ASR with the global trigger {_pct(history[-1].get('asr'))}; with each "
                      f"attacker's local part alone {', '.join(_pct(p) for p in parts)}.")
     return notes
+
+
+def _defense(name: str) -> str:
+    """The run's aggregation rule in one sentence with its paper; a rule the registry does not know
+    (a run directory written with a plug-in that is not loaded) is named only."""
+    try:
+        return describe(name)
+    except FlsecError:
+        return f"{name}: not a registered aggregation rule in this installation (no description)."
 
 
 def _inversion(run_dir: Path) -> dict[str, Any] | None:
@@ -179,7 +189,7 @@ def render_report(run_dir: Path) -> str:
     training = {"figures": [_figure(plots.rounds_plot(ckpt.history), "MA and ASR per round"),
                             _figure(plots.weights_plot(ckpt.history), "aggregation weight of attackers per round")],
                 "notes": _training_notes(ckpt.history)}
-    context = {"name": cfg.name, "setting": _setting(ckpt), "defense": None, "training": training,
+    context = {"name": cfg.name, "setting": _setting(ckpt), "defense": _defense(cfg.aggregation.name), "training": training,
                "inversion": _inversion(run_dir), "unlearning": _unlearning(run_dir, cfg)}
     return _ENV.get_template("report.html.j2").render(**context)
 
