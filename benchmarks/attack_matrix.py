@@ -55,7 +55,7 @@ LITERATURE = {
     "multi_krum": "Krum and Multi-Krum fall to norm-bounded attacks (Wang et al. 2020).",
     "foolsgold": "FoolsGold stops sybils with one shared objective but fails when attackers are few and "
                  "diverse (Fung et al. 2020, Sec. 6, and its own threat model).",
-    "norm_clipping": "Norm clipping slows but does not stop PGD attackers (Sun et al. 2019; Wang et al. 2020): "
+    "norm_clip": "Norm clipping slows but does not stop PGD attackers (Sun et al. 2019; Wang et al. 2020): "
                      "a norm-bounded update passes the clip unchanged.",
     "fedavg": "FedAvg has no defense: model replacement succeeds in one round (Bagdasaryan et al. 2020).",
 }
@@ -89,6 +89,7 @@ def base_config(args: argparse.Namespace) -> dict[str, Any]:
         f"data.test_size={args.test_size}", f"training.rounds={args.rounds}",
         f"attack.rounds={list(range(1, stop + 1))}", "attack.trigger.size=4",
         'capture.rounds="last"', 'capture.clients=[]', "capture.updates=false", "capture.gradient_batch_sizes=[]",
+        *args.set,
     ])
 
 
@@ -105,6 +106,10 @@ def main() -> None:
     ap.add_argument("--rules", nargs="*", default=None, help="default: every registered aggregator")
     ap.add_argument("--work", default=str(ROOT / "runs" / "attack_matrix"))
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "attack_matrix"))
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override applied to every run (repeatable), e.g. training.batch_size=10")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: write the result files from the runs finished so far")
     ap.add_argument("--smoke", action="store_true", help="1 seed, 2 rounds (attack in round 1), 600/200 images")
     args = ap.parse_args()
     if args.smoke:
@@ -118,10 +123,12 @@ def main() -> None:
     t0 = time.perf_counter()
     clean_grid = SweepGrid(grid={"aggregation.name": rules})
     clean = run_sweep(apply_overrides(base, ['attack.kind="none"', "attack.num_malicious=0", "attack.rounds=[]"]),
-                      clean_grid, seeds, work / "no_attack", jobs=args.jobs, threads=args.threads)
+                      clean_grid, seeds, work / "no_attack", jobs=args.jobs, threads=args.threads,
+                      train=not args.report_only)
     grid = SweepGrid(grid={"aggregation.name": rules, "attack": list(ATTACKS.values()), "attack.num_malicious": ATTACKERS},
                      labels={"attack": list(ATTACKS)})
-    attacked = run_sweep(base, grid, seeds, work / "attacks", jobs=args.jobs, threads=args.threads)
+    attacked = run_sweep(base, grid, seeds, work / "attacks", jobs=args.jobs, threads=args.threads,
+                         train=not args.report_only)
     wall = time.perf_counter() - t0
     failed = clean.failed + attacked.failed
     for run, msg in failed:
@@ -133,14 +140,21 @@ def main() -> None:
     report["dba_parts"] = dba_parts(attacked.out, rows, rules)
     meta = {
         "command": "python benchmarks/attack_matrix.py " + " ".join(
-            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k not in ("smoke", "rules", "work", "results")),
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+            if k not in ("smoke", "rules", "work", "results", "set", "report_only"))
+        + "".join(f" --set '{kv}'" for kv in args.set),
+        "overrides": args.set,
         "git_commit": git_commit(), "rules": rules, "attacks": ATTACKS, "attackers": ATTACKERS, "seeds": seeds,
         "train_size": args.train_size, "test_size": args.test_size, "rounds": args.rounds,
         "attack_rounds": args.attack_rounds, "jobs": args.jobs, "threads_total": args.threads or os.cpu_count(),
         "threads_per_run": max(1, (args.threads or os.cpu_count() or 1) // args.jobs),
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, {platform.system()}",
         "torch": torch.__version__, "wall_seconds_this_invocation": round(wall, 1),
-        "runs": len(rows) + len(clean_rows), "failed": [f"{r.cell.id} seed {r.seed}: {m}" for r, m in failed],
+        "runs": len(rows) + len(clean_rows),
+        "runs_complete": sum(r["status"] == "complete" for r in rows + clean_rows),
+        "train_seconds_sum": round(sum(float(r["seconds"] or 0) for r in rows + clean_rows
+                                       if r["status"] == "complete"), 1),
+        "failed": [f"{r.cell.id} seed {r.seed}: {m}" for r, m in failed],
     }
     out = Path(args.results)
     write_json(out.with_suffix(".json"), {"meta": meta, **report})
@@ -232,7 +246,8 @@ def markdown(meta: dict[str, Any], report: dict[str, Any], stem: str) -> str:
         f"every client in every round, {meta['rounds']} rounds; attackers attack in rounds 1-{meta['attack_rounds']} "
         f"and stop. Seeds {meta['seeds']}; {meta['jobs']} runs in parallel with {meta['threads_per_run']} CPU thread(s) "
         f"each on {meta['machine']}; torch {meta['torch']}; {meta['runs']} runs "
-        f"({meta['wall_seconds_this_invocation']:.0f} s wall in the last invocation; finished runs are skipped).",
+        f"({meta['runs_complete']} complete; {meta['train_seconds_sum']:.0f} s of training in all, as each run timed "
+        f"itself; finished runs are skipped on a re-run).",
         f"Rules included (the aggregator registry at run time): {', '.join(rules)}.", "",
         "Attacks (defaults of flsec unless stated): backdoor = 50% of each batch stamped and relabelled 0; boosted = "
         "the same, update scaled by n / (eta * attackers in the round); constrain+scale = Bagdasaryan et al.'s "
@@ -249,11 +264,11 @@ def markdown(meta: dict[str, Any], report: dict[str, Any], stem: str) -> str:
         "## ASR when the attack stops / at the end, and final MA", "",
         "'Attackers' share': the attackers' total aggregation weight in the rounds they attack (what the rule "
         "gave them; plain averaging gives 10% to 2 and 20% to 4 of 20).", "",
-        "| rule | attack | attackers | ASR at stop | ASR at end | MA at end | attackers' share |",
-        "|---|---|---|---|---|---|---|",
+        "| rule | attack | attackers | seeds | ASR at stop | ASR at end | MA at end | attackers' share |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for c in cells:
-        lines.append(f"| {c['rule']} | {c['attack']} | {c['attackers']} | {pct(c['asr_at_stop'])} | "
+        lines.append(f"| {c['rule']} | {c['attack']} | {c['attackers']} | {c['runs']} | {pct(c['asr_at_stop'])} | "
                      f"{pct(c['asr_final'])} | {pct(c['ma_final'])} | {pct(c['attacker_share'])} |")
     lines += ["", "## DBA: global trigger and each local part", "",
               "ASR of the assembled global trigger and of each attacker's part alone (Xie et al. 2020 evaluate both), "
