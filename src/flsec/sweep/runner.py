@@ -160,9 +160,10 @@ def run_sweep(base: dict[str, Any], grid: SweepGrid, seeds: list[int], out: Path
         "format": "flsec-sweep/1", "base": base, "grid": grid.model_dump(mode="json"), "seeds": seeds,
         "cells": [{"id": c.id, "labels": list(c.labels), "overrides": [list(kv) for kv in c.overrides]} for c in cells],
     })
-    todo = [r for r in runs if run_status(r.dir) != "complete"] if train else []
+    unfinished = [r for r in runs if run_status(r.dir) != "complete"]
+    todo = unfinished if train else []
     result = SweepResult(out, axes, cells, seeds, runs, name=str(base.get("name", out.name)),
-                         skipped=len(runs) - len(todo))
+                         skipped=len(runs) - len(unfinished))
     try:
         result.failed = execute(base, todo, min(jobs, max(1, len(todo))), threads_per_job(jobs, threads),
                                 progress, on_done)
