@@ -85,6 +85,12 @@ def test_sweep_runs_resumes_and_aggregates(tmp_path: Path) -> None:
         run_sweep(BASE, grid, [3, 4], out, jobs=1, progress=False, on_done=stop_after_first)
     statuses = sorted(run_status(p) for p in (out / "runs").glob("*/seed_*"))
     assert statuses == ["complete"]  # killed after one run; the others never started
+    # train=False trains nothing and reports what is finished (the rest as missing)
+    report = run_sweep(BASE, grid, [3, 4], out, jobs=1, progress=False, train=False)
+    assert (report.skipped, report.trained, report.failed) == (1, 0, [])
+    assert sorted(run_status(p) for p in (out / "runs").glob("*/seed_*")) == ["complete"]
+    assert sorted(r["status"] for r in csv.DictReader((out / "results.csv").open())) == [
+        "complete", "missing", "missing", "missing"]
     result = run_sweep(BASE, grid, [3, 4], out, jobs=2, threads=2, progress=False)
     assert (result.skipped, result.trained, result.failed) == (1, 3, [])
     again = run_sweep(BASE, grid, [3, 4], out, jobs=2, progress=False)

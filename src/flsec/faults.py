@@ -43,4 +43,6 @@ def fault_point(name: str) -> None:
         return
     _hits[name] += 1
     if _hits[name] == target[0]:
+        if target[1] == "INT":  # Ctrl-C exactly here (a signal would be handled at some later bytecode)
+            raise KeyboardInterrupt
         os.kill(os.getpid(), getattr(signal, f"SIG{target[1]}"))

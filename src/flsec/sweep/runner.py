@@ -143,8 +143,10 @@ def execute(base: dict[str, Any], runs: list[Run], jobs: int, threads: int, prog
 
 def run_sweep(base: dict[str, Any], grid: SweepGrid, seeds: list[int], out: Path, jobs: int = 1,
               threads: int | None = None, progress: bool = True,
-              on_done: Callable[[Run], None] | None = None) -> SweepResult:
-    """Expand the grid, train what is not finished yet, and write the sweep's tables, heatmaps and index."""
+              on_done: Callable[[Run], None] | None = None, train: bool = True) -> SweepResult:
+    """Expand the grid, train what is not finished yet, and write the sweep's tables, heatmaps and index.
+
+    ``train=False`` trains nothing: it only rewrites the outputs from the runs finished so far."""
     from flsec.sweep.outputs import write_outputs
 
     if jobs < 1:
@@ -158,9 +160,10 @@ def run_sweep(base: dict[str, Any], grid: SweepGrid, seeds: list[int], out: Path
         "format": "flsec-sweep/1", "base": base, "grid": grid.model_dump(mode="json"), "seeds": seeds,
         "cells": [{"id": c.id, "labels": list(c.labels), "overrides": [list(kv) for kv in c.overrides]} for c in cells],
     })
-    todo = [r for r in runs if run_status(r.dir) != "complete"]
+    unfinished = [r for r in runs if run_status(r.dir) != "complete"]
+    todo = unfinished if train else []
     result = SweepResult(out, axes, cells, seeds, runs, name=str(base.get("name", out.name)),
-                         skipped=len(runs) - len(todo))
+                         skipped=len(runs) - len(unfinished))
     try:
         result.failed = execute(base, todo, min(jobs, max(1, len(todo))), threads_per_job(jobs, threads),
                                 progress, on_done)
