@@ -151,6 +151,10 @@ def invert(
                f"{p['best']:.2f} dB  SSIM {s['mean_ssim']:.3f}  labels {100 * s['label_accuracy']:.0f}%"
                + (f"  trigger corr {trig:.2f}" if trig is not None else "")
                + f"  ({s['seconds_per_image']:.1f} s/image) -> {out / 'reconstructed_images'}")
+    bt = s["batching"]
+    if bt["fallbacks"]:
+        typer.echo(f"{bt['vectorised_targets']} capture(s) vectorised, {bt['one_by_one_targets']} one by one: "
+                   + "; ".join(f"{n} x {why}" for why, n in bt["fallbacks"].items()))
     if s["surrogate_targets"]:
         typer.echo(f"{s['surrogate_targets']} update(s) cover more images than --max-images {max_images}: each was "
                    f"inverted into {max_images} images (a surrogate replay), scored against their best-matching "
