@@ -233,13 +233,13 @@ def test_ctrl_c_stops_the_whole_command_and_resumes(four_captures: Path, tmp_pat
     monkeypatch.setattr(attack, "invert_one", interrupt_second)
     out = tmp_path / "inv"
     with pytest.raises(attack.InversionInterrupted, match="1 of 4 inversion captures finished"):
-        attack.run_inversion(four_captures, out, every=True, settings=FAST)
+        attack.run_inversion(four_captures, out, every=True, settings=FAST, batch_captures=1)
     assert len(calls) == 2  # the third and fourth captures were never started
     assert len(list((out / "parts").glob("*.safetensors"))) == 1
     assert not (out / "metrics.json").exists() and not (out / "reconstructions.safetensors").exists()
     calls.clear()
     monkeypatch.setattr(attack, "invert_one", lambda *a, **k: (calls.append(a[1].tag), real(*a, **k))[1])
-    report = attack.run_inversion(four_captures, out, every=True, settings=FAST)
+    report = attack.run_inversion(four_captures, out, every=True, settings=FAST, batch_captures=1)
     assert len(calls) == 3 and report["summary"]["targets"] == 4  # the finished capture was reused
 
 

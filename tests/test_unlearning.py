@@ -64,7 +64,8 @@ def test_unlearning_lowers_asr_and_writes_repaired_checkpoint(trained_run: Path,
 
 def _pipeline_config():  # type: ignore[no-untyped-def]
     return small_config(training={"rounds": 4}, capture={"rounds": [3, 4], "clients": "all", "gradient_batch_sizes": [1]},
-                        inversion={"iterations": 200}, unlearning={"steps": 40, "baselines": False})
+                        inversion={"iterations": 200, "batch_captures": 1},  # one by one: invert_one is counted
+                        unlearning={"steps": 40, "baselines": False})
 
 
 def test_pipeline_resumes_each_phase(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

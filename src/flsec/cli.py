@@ -122,6 +122,8 @@ def invert(
     boost: Annotated[str, typer.Option("--boost-correction", help="norm (undo an estimated boost) or none")] = "norm",
     space: Annotated[str, typer.Option("--space", help="pixel or normalised (the authors' code)")] = "pixel",
     init: Annotated[str, typer.Option("--init", help="uniform or normal")] = "uniform",
+    batch_captures: Annotated[int, typer.Option("--batch-captures", min=1, help="gradient captures inverted at once "
+                                                "in one vectorised optimisation (1: one by one)")] = 10,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Phase 2: reconstruct the images behind captured client gradients/updates (Ctrl-C stops; re-run resumes)."""
@@ -140,7 +142,7 @@ def invert(
         name = str(exc).split(":", 1)[0]
         raise ConfigError(f"{flag.get(name, name)}:{str(exc).split(':', 1)[1]}") from None
     report = run_inversion(checkpoint, out, round_=round_, client=client, kind=target, method=method,
-                           every=every, settings=settings)
+                           every=every, settings=settings, batch_captures=batch_captures)
     s = report["summary"]
     trig = s["mean_trigger_correlation"]
     p = s["psnr_stats"]
@@ -149,6 +151,10 @@ def invert(
                f"{p['best']:.2f} dB  SSIM {s['mean_ssim']:.3f}  labels {100 * s['label_accuracy']:.0f}%"
                + (f"  trigger corr {trig:.2f}" if trig is not None else "")
                + f"  ({s['seconds_per_image']:.1f} s/image) -> {out / 'reconstructed_images'}")
+    bt = s["batching"]
+    if bt["fallbacks"]:
+        typer.echo(f"{bt['vectorised_targets']} capture(s) vectorised, {bt['one_by_one_targets']} one by one: "
+                   + "; ".join(f"{n} x {why}" for why, n in bt["fallbacks"].items()))
     if s["surrogate_targets"]:
         typer.echo(f"{s['surrogate_targets']} update(s) cover more images than --max-images {max_images}: each was "
                    f"inverted into {max_images} images (a surrogate replay), scored against their best-matching "

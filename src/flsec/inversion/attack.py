@@ -17,15 +17,18 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from flsec.errors import ConfigError, FlsecError
 from flsec.faults import fault_point
 from flsec.fl.checkpoint import Checkpoint, load_checkpoint, read_tensor_metadata, read_tensors
+from flsec.inversion.batched import BATCHED_METHODS, DEFAULT_BATCH_CAPTURES, batch_blocker, batch_key, geiping_batched
 from flsec.inversion.boost import applied_factor, norm_ratio, replay_scale
 from flsec.inversion.cases import Case, GradientCase, UpdateCase
 from flsec.inversion.images import save_grid, save_png
@@ -130,24 +133,43 @@ def invert_one(ckpt: Checkpoint, target: Target, method: str, settings: Inversio
     ``non_finite_update`` (NaN/Inf in what the client sent); ``diverged`` (the objective was never
     finite). Only ``ok`` captures carry images. Ctrl-C raises KeyboardInterrupt."""
     case, model = build_case(ckpt, target, settings, device)
-    malicious = target.client in ckpt.meta.get("malicious_ids", [])
-    observed_norm = float(case.observed.double().norm())
-    if not bool(torch.isfinite(case.observed).all()):
-        return _skipped(target, "non_finite_update", observed_norm, malicious)
-    if observed_norm == 0.0:
-        return _skipped(target, "all_zero", observed_norm, malicious)
+    skipped = _uninvertible(ckpt, target, case)
+    if skipped is not None:
+        return skipped
     spec = ckpt.input_spec()
     _, meta = ckpt.capture(target.round, target.client)
     est = None
     if target.kind == "update":
         record = next((h for h in ckpt.history if h.get("round") == target.round), None)
-        est = norm_ratio(observed_norm, record, target.client)
+        est = norm_ratio(float(case.observed.double().norm()), record, target.client)
     att = attack_case(case, model, spec, method, settings, est)
     if att is None:
-        return _skipped(target, "diverged", observed_norm, malicious)
+        return _skipped(target, "diverged", float(case.observed.double().norm()), _malicious(ckpt, target))
     images, labels, counts, out, boost = att
     boost["true_factor"] = meta.get("boost_factor") if target.kind == "update" else None  # evaluation only
-    strategy, seconds = settings.label_strategy, out.seconds
+    return _scored(ckpt, target, case, meta, images, labels, counts, out, boost, settings)
+
+
+def _malicious(ckpt: Checkpoint, target: Target) -> bool:
+    return target.client in ckpt.meta.get("malicious_ids", [])
+
+
+def _uninvertible(ckpt: Checkpoint, target: Target, case: Case) -> dict[str, Any] | None:
+    """The skipped-capture record of a capture holding NaN/Inf or exactly zero, else None."""
+    observed_norm = float(case.observed.double().norm())
+    if not bool(torch.isfinite(case.observed).all()):
+        return _skipped(target, "non_finite_update", observed_norm, _malicious(ckpt, target))
+    if observed_norm == 0.0:
+        return _skipped(target, "all_zero", observed_norm, _malicious(ckpt, target))
+    return None
+
+
+def _scored(ckpt: Checkpoint, target: Target, case: Case, meta: dict[str, Any], images: torch.Tensor,
+            labels: torch.Tensor, counts: torch.Tensor, out: Any, boost: dict[str, Any],
+            settings: InversionSettings) -> dict[str, Any]:
+    """A finished capture's result: the reconstruction scored against the evaluation-only truth."""
+    spec = ckpt.input_spec()
+    seconds = out.seconds
     true_x, true_y, poisoned = capture_truth(ckpt, target.round, target.client, target.kind, meta)
     trigger = client_trigger(ckpt, target.client, spec.height, spec.width)
     inferred = counts_to_labels(counts)
@@ -159,22 +181,81 @@ def invert_one(ckpt: Checkpoint, target: Target, method: str, settings: Inversio
                         "seconds": seconds, "seconds_per_image": seconds / case.num_images,
                         "iterations_per_second": out.iterations_done / seconds if seconds > 0 else None,
                         "num_samples": case.num_samples, "surrogate": case.num_images < case.num_samples,
-                        "label_strategy": strategy, "boost": boost,
+                        "label_strategy": settings.label_strategy, "boost": boost,
                         "true_labels": true_y.tolist(), "inferred_counts": counts.tolist(),
                         "candidate_labels": labels.cpu().tolist(), "inferred_labels": labels.cpu().tolist(),
-                        "malicious_client": malicious, "observed_norm": observed_norm,
+                        "malicious_client": _malicious(ckpt, target),
+                        "observed_norm": float(case.observed.double().norm()),
                         "poisoned": poisoned.long().tolist()}}
 
 
-def attack_case(case: Case, model: torch.nn.Module, spec: Any, method: str, settings: InversionSettings,
-                norm_estimate: float | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, dict[str, Any]] | None:
-    """The attack itself on one case: undo the estimated boost, infer the label counts of the
-    case's N images, give the k candidates their share, invert, and estimate the boost again from
-    the replay. Returns (images on the CPU, candidate labels, counts, method output, boost record),
-    or None when the objective never became finite. Ctrl-C during the optimisation raises
-    KeyboardInterrupt (the best-so-far is not a finished reconstruction)."""
-    invert = METHODS.get(method)
+def invert_batch(ckpt: Checkpoint, targets: list[Target], method: str, settings: InversionSettings,
+                 device: torch.device | None = None,
+                 on_iteration: Callable[[int], None] | None = None
+                 ) -> tuple[list[dict[str, Any]], dict[Target, str]]:
+    """Reconstruct several gradient captures in one vectorised optimisation
+    (:func:`flsec.inversion.batched.geiping_batched`; same results as :func:`invert_one` on each,
+    up to float rounding).
+
+    Returns the finished results (in the order of ``targets``) and, for the captures that cannot
+    join the batch, the reason (:func:`~flsec.inversion.batched.batch_blocker`): the caller inverts
+    those one by one. The seconds of the batch are shared equally by its captures (``seconds``;
+    ``batch_seconds`` is the whole batch). Ctrl-C raises KeyboardInterrupt (nothing of the batch
+    is finished)."""
+    spec = ckpt.input_spec()
+    image_shape = (spec.channels, spec.height, spec.width)
+    done: dict[Target, dict[str, Any]] = {}
+    blocked: dict[Target, str] = {}
+    members: list[tuple[Target, GradientCase, dict[str, Any], torch.Tensor, torch.Tensor, dict[str, Any]]] = []
+    for target in targets:
+        case, model = build_case(ckpt, target, settings, device)
+        reason = batch_blocker(case, method)
+        if reason is None and members and batch_key(case) != batch_key(members[0][1]):  # type: ignore[arg-type]
+            reason = "different kind or shapes than the rest of its batch"
+        if reason is not None:
+            blocked[target] = reason
+            continue
+        skipped = _uninvertible(ckpt, target, case)
+        if skipped is not None:
+            done[target] = skipped
+            continue
+        assert isinstance(case, GradientCase)
+        _, meta = ckpt.capture(target.round, target.client)
+        labels, counts, boost = infer_labels(case, model, spec, settings)
+        boost["true_factor"] = None
+        members.append((target, case, meta, labels, counts, boost))
+    if len(members) == 1:  # nothing to vectorise with: the reference path
+        blocked[members[0][0]] = "alone in its batch"
+        members = []
+    if members:
+        t0 = time.perf_counter()
+        try:
+            outs = geiping_batched([m[1] for m in members], [m[3] for m in members],
+                                   (members[0][1].num_images, *image_shape), settings,
+                                   stats=(spec.mean, spec.std), on_iteration=on_iteration)
+        except RuntimeError as exc:  # an operation torch.func cannot vectorise: the captures go one by one
+            reason = f"torch.func could not vectorise the model ({str(exc).splitlines()[0][:120]})"
+            blocked.update({m[0]: reason for m in members})
+            outs = []
+        batch_seconds = time.perf_counter() - t0
+        for (target, case, meta, labels, counts, boost), out in zip(members, outs, strict=False):
+            out.seconds = batch_seconds / len(members)
+            images = out.images.detach().cpu()
+            if not math.isfinite(out.loss) or not bool(torch.isfinite(images).all()):
+                done[target] = _skipped(target, "diverged", float(case.observed.double().norm()),
+                                        _malicious(ckpt, target))
+                continue
+            res = _scored(ckpt, target, case, meta, images, labels.cpu(), counts, out, boost, settings)
+            res["metrics"]["batch"] = {"size": len(members), "vectorised": True, "fallback": None,
+                                       "batch_seconds": batch_seconds}
+            done[target] = res
+    return [done[t] for t in targets if t in done], blocked
+
+
+def infer_labels(case: Case, model: torch.nn.Module, spec: Any, settings: InversionSettings,
+                 norm_estimate: float | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Undo the estimated boost, infer the label counts of the case's N images and give the k
+    candidates their share. Returns (candidate labels on the case's device, counts, boost record)."""
     image_shape = (spec.channels, spec.height, spec.width)
     boost: dict[str, Any] = {"norm_estimate": norm_estimate, "applied": 1.0}
     if isinstance(case, UpdateCase) and settings.boost_correction == "norm":
@@ -185,6 +266,19 @@ def attack_case(case: Case, model: torch.nn.Module, spec: Any, method: str, sett
         p_bar = mean_softmax_along_update(model, case.observed.detach() / boost["applied"], image_shape)
     counts = infer_counts(model, bias, case.num_samples, image_shape, settings.label_strategy, p_bar)
     labels = candidate_labels(counts, case.num_images).to(case.observed.device)
+    return labels, counts, boost
+
+
+def attack_case(case: Case, model: torch.nn.Module, spec: Any, method: str, settings: InversionSettings,
+                norm_estimate: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any, dict[str, Any]] | None:
+    """The attack itself on one case: labels (:func:`infer_labels`), inversion, and the boost
+    estimated again from the replay. Returns (images on the CPU, candidate labels, counts, method
+    output, boost record), or None when the objective never became finite. Ctrl-C during the
+    optimisation raises KeyboardInterrupt (the best-so-far is not a finished reconstruction)."""
+    invert = METHODS.get(method)
+    image_shape = (spec.channels, spec.height, spec.width)
+    labels, counts, boost = infer_labels(case, model, spec, settings, norm_estimate)
     t0 = time.perf_counter()
     out = invert(case, labels, (case.num_images, *image_shape), settings, stats=(spec.mean, spec.std))
     out.seconds = time.perf_counter() - t0
@@ -210,51 +304,125 @@ def cache_key(ckpt: Checkpoint, method: str, settings: InversionSettings) -> str
                        "checkpoint": checkpoint_digest(ckpt)}, sort_keys=True)
 
 
+def plan_batches(targets: list[Target], method: str, batch_captures: int) -> list[tuple[list[Target], str | None]]:
+    """Group captures for :func:`invert_batch`: gradient captures of one kind, in order, at most
+    ``batch_captures`` at a time; every other capture alone, with the reason it is not batched
+    (None when batching was not asked for)."""
+    if batch_captures <= 1:
+        return [([t], None) for t in targets]
+    plan: list[tuple[list[Target], str | None]] = []
+    kinds: dict[str, list[Target]] = {}
+    for t in targets:
+        if method not in BATCHED_METHODS:
+            plan.append(([t], f"method '{method}' has no vectorised path (allowed: {', '.join(BATCHED_METHODS)})"))
+        elif t.kind == "update":
+            plan.append(([t], "update inversion replays several local steps"))
+        else:
+            kinds.setdefault(t.kind, []).append(t)
+    for group in kinds.values():
+        plan += [(group[i:i + batch_captures], None) for i in range(0, len(group), batch_captures)]
+    return plan
+
+
 def run_inversion(checkpoint: Path, out: Path, *, round_: int | None = None, client: int | None = None,
                   kind: str | None = None, method: str = "geiping", every: bool = False,
-                  settings: InversionSettings | None = None, device: torch.device | None = None) -> dict[str, Any]:
+                  settings: InversionSettings | None = None, device: torch.device | None = None,
+                  batch_captures: int = DEFAULT_BATCH_CAPTURES) -> dict[str, Any]:
     """Invert the selected captures of a checkpoint and write ``out/reconstructed_images/`` (PNGs and
     grids), ``out/reconstructions.safetensors`` and ``out/metrics.json`` (written last).
 
-    Each finished capture is cached in ``out/parts/`` under a key of the method, the settings and
-    the checkpoint's content hash. Ctrl-C stops the whole command (:class:`InversionInterrupted`):
-    the captures finished so far stay cached, the interrupted one is dropped, nothing else is
-    written; running the same command again resumes. ``out`` is held under its write lock (a second
-    process writing it is refused)."""
-    with locked_dir(Path(out)):
-        return _run_inversion(checkpoint, Path(out), round_, client, kind, method, every, settings, device)
+    Gradient captures of one kind are inverted ``batch_captures`` at a time in one vectorised
+    optimisation (:func:`invert_batch`); the others, and those the vectorised path cannot take,
+    one by one (:func:`invert_one`, the reference); each capture's ``batch`` record says which and
+    why. One progress bar counts the captures of the whole command (best PSNR so far as postfix).
 
-
-def _run_inversion(checkpoint: Path, out: Path, round_: int | None, client: int | None, kind: str | None,
-                   method: str, every: bool, settings: InversionSettings | None,
-                   device: torch.device | None) -> dict[str, Any]:
+    ``out`` is write-locked for the command (:func:`flsec.lock.locked_dir`): a second process
+    inverting into the same directory is refused. Each finished capture is cached in ``out/parts/``
+    under a key of the method, the settings and the checkpoint's content hash. Ctrl-C stops the
+    whole command (:class:`InversionInterrupted`): the captures finished so far stay cached, the
+    interrupted capture (or batch) is dropped, nothing else is written; running the same command
+    again resumes."""
     settings = settings or InversionSettings()
+    if batch_captures < 1:
+        raise ConfigError(f"--batch-captures: must be >= 1, got {batch_captures}")
     METHODS.get(method)
     ckpt = load_checkpoint(checkpoint)
     device = device or resolve_device(ckpt.config.runtime.device)
     targets = select_targets(ckpt, round_, client, kind, every)
+    with locked_dir(out):
+        finished = _invert_targets(ckpt, targets, out, method, settings, device, batch_captures)
+        return _write_outputs(checkpoint, out, method, settings, device, targets, finished, batch_captures)
+
+
+def _invert_targets(ckpt: Checkpoint, targets: list[Target], out: Path, method: str, settings: InversionSettings,
+                    device: torch.device, batch_captures: int) -> dict[Target, dict[str, Any]]:
+    key = cache_key(ckpt, method, settings)
+    quiet = replace(settings, progress=False)  # one bar for the command, not one per capture
+    finished: dict[Target, dict[str, Any]] = {}
+    for target in targets:
+        res = _cached(out, target, key)
+        if res is not None:
+            finished[target] = res
+    bar = tqdm(total=len(targets), desc=f"invert {method}", unit="capture", disable=not settings.progress,
+               dynamic_ncols=True, initial=len(finished))
+    best = [max((p for r in finished.values() for p in r["metrics"].get("psnr", [])), default=None)]
+
+    def postfix(**extra: str) -> None:
+        shown = {"best_psnr": f"{best[0]:.2f} dB"} if best[0] is not None else {}
+        bar.set_postfix(**shown, **extra, refresh=True)
+
+    def keep(res: dict[str, Any], batch: dict[str, Any]) -> None:
+        res["metrics"].setdefault("batch", batch)
+        if res["images"] is not None:
+            _cache(out, res["target"], key, res)
+        finished[res["target"]] = res
+        psnrs = [p for p in res["metrics"].get("psnr", []) if p is not None and math.isfinite(p)]
+        if psnrs:
+            best[0] = max([*psnrs, *([best[0]] if best[0] is not None else [])])
+        bar.update(1)
+        postfix()
+
+    pending = [t for t in targets if t not in finished]
+    steps = settings.iterations * settings.restarts
+    try:
+        for chunk, why in plan_batches(pending, method, batch_captures):
+            singles = [(chunk[0], why)]
+            if len(chunk) > 1:
+                def tick(i: int, n: int = len(chunk)) -> None:
+                    if i % 25 == 0 or i == steps:
+                        postfix(batch=f"{n} captures, step {i}/{steps}")
+
+                results, blocked = invert_batch(ckpt, chunk, method, quiet, device, on_iteration=tick)
+                for res in results:
+                    keep(res, {"size": 1, "vectorised": False, "fallback": None})
+                singles = [(t, blocked[t]) for t in chunk if t in blocked]
+            for target, reason in singles:
+                keep(invert_one(ckpt, target, method, quiet, device),
+                     {"size": 1, "vectorised": False, "fallback": reason})
+    except KeyboardInterrupt:
+        bar.close()
+        raise InversionInterrupted(
+            f"{len(finished)} of {len(targets)} inversion captures finished and kept in {out / 'parts'}") from None
+    bar.close()
+    return finished
+
+
+def _write_outputs(checkpoint: Path, out: Path, method: str, settings: InversionSettings, device: torch.device,
+                   targets: list[Target], finished: dict[Target, dict[str, Any]], batch_captures: int
+                   ) -> dict[str, Any]:
     images_dir = out / "reconstructed_images"
     results, all_images, all_labels, sources = [], [], [], []
-    key = cache_key(ckpt, method, settings)
-    for n_done, target in enumerate(targets):
-        res = _cached(out, target, key)
-        if res is None:
-            try:
-                res = invert_one(ckpt, target, method, settings, device)
-            except KeyboardInterrupt:
-                raise InversionInterrupted(
-                    f"{n_done} of {len(targets)} inversion captures finished and kept in {out / 'parts'}") from None
-            if res["images"] is None:
-                results.append({**asdict(target), **res["metrics"]})
-                continue
-            _cache(out, target, key, res)
+    for target in targets:
+        res = finished[target]
+        results.append({**asdict(target), **res["metrics"]})
+        if res["images"] is None:
+            continue
         for i, img in enumerate(res["images"]):
             save_png(images_dir / f"{target.tag}_{i}.png", img)
         save_grid(images_dir / f"{target.tag}_grid.png", [res["truth"], res["images"]])
         all_images.append(res["images"])
         all_labels.append(res["labels"])
         sources += [[target.round, target.client, i] for i in range(len(res["labels"]))]
-        results.append({**asdict(target), **res["metrics"]})
     if not all_images:
         statuses = sorted({r["status"] for r in results})
         if statuses == ["all_zero"]:
@@ -268,11 +436,23 @@ def _run_inversion(checkpoint: Path, out: Path, round_: int | None, client: int 
                    "sources": torch.tensor(sources, dtype=torch.long)},
                   {"checkpoint": str(checkpoint), "method": method})
     summary = _summarise(results)
+    summary["batching"] = _batching(results, batch_captures)
     report = {"checkpoint": str(checkpoint), "method": method, "settings": asdict(settings), "summary": summary,
               "device": str(device), "targets": results,
               "note": "scores use the evaluation_only ground truth; the attack did not"}
     write_strict_json(out / "metrics.json", report)
     return report
+
+
+def _batching(results: list[dict[str, Any]], batch_captures: int) -> dict[str, Any]:
+    """How the captures were inverted: vectorised or one by one, and why not vectorised."""
+    records = [r.get("batch") or {} for r in results]
+    reasons: dict[str, int] = {}
+    for rec in records:
+        if rec.get("fallback"):
+            reasons[rec["fallback"]] = reasons.get(rec["fallback"], 0) + 1
+    return {"batch_captures": batch_captures, "vectorised_targets": sum(bool(r.get("vectorised")) for r in records),
+            "one_by_one_targets": sum(not r.get("vectorised") for r in records), "fallbacks": reasons}
 
 
 def _cache(out: Path, target: Target, key: str, res: dict[str, Any]) -> None:
@@ -324,4 +504,4 @@ def _summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 __all__ = ["InversionInterrupted", "Target", "available_targets", "build_case", "checkpoint_digest",
-           "invert_one", "part_path", "run_inversion", "select_targets"]
+           "invert_batch", "invert_one", "part_path", "plan_batches", "run_inversion", "select_targets"]
