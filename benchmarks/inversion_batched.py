@@ -124,7 +124,10 @@ def main() -> None:
             f"from the same seeded image in both modes). {info['threads']} torch thread(s); clock: {info['clock']}; "
             f"load average {load0[0]:.2f} before, {load1[0]:.2f} after. Target (issue 13): >= 1.8x images/s at equal "
             f"PSNR (within 0.5 dB). Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']}, git "
-            f"{info['commit']}.\n\nCommand: `{command}`\n")
+            f"{info['commit']}."
+            + (" **CPU time**, not wall time: `time.process_time()` of this one-thread process, measured on a shared "
+               "machine where other processes kept running; images/s is images per CPU second." if args.cpu_time else "")
+            + f"\n\nCommand: `{command}`\n")
     write_text(Path(args.out).with_suffix(".md"), "\n".join(lines) + note)
     write_json(Path(args.out).with_suffix(".json"), {"machine": info, "rows": rows})
     print("\n".join(lines) + note)

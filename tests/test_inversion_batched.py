@@ -174,6 +174,6 @@ def test_out_is_write_locked(trained_run: Path, tmp_path: Path) -> None:
 
 
 def test_batch_captures_validation() -> None:
-    assert build_config({}).inversion.batch_captures == 10
+    assert build_config({}).inversion.batch_captures == 1  # the reference unless asked
     with pytest.raises(ConfigError, match="batch_captures"):
         build_config({"inversion": {"batch_captures": 0}})

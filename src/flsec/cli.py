@@ -123,7 +123,7 @@ def invert(
     space: Annotated[str, typer.Option("--space", help="pixel or normalised (the authors' code)")] = "pixel",
     init: Annotated[str, typer.Option("--init", help="uniform or normal")] = "uniform",
     batch_captures: Annotated[int, typer.Option("--batch-captures", min=1, help="gradient captures inverted at once "
-                                                "in one vectorised optimisation (1: one by one)")] = 10,
+                                                "in one vectorised optimisation (1: one by one)")] = 1,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Phase 2: reconstruct the images behind captured client gradients/updates (Ctrl-C stops; re-run resumes)."""

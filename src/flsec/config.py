@@ -249,8 +249,8 @@ class InversionConfig(_Section):
                                                                        "standardised input as the authors' code does")
     init: Literal["uniform", "normal"] = Field("uniform", description="random start: uniform pixels or N(0, 1) in "
                                                                      "the optimised space")
-    batch_captures: int = Field(10, ge=1, le=4096, description="gradient captures inverted at once in one vectorised "
-                                "optimisation (1: one by one, the reference)")
+    batch_captures: int = Field(1, ge=1, le=4096, description="gradient captures inverted at once in one vectorised "
+                                "optimisation (1: one by one, the reference; see benchmarks/results/inversion_batched.md)")
 
     @field_validator("method")
     @classmethod

@@ -37,7 +37,10 @@ from flsec.inversion.methods import Box, InversionOutput, InversionSettings
 from flsec.inversion.metrics import total_variation
 
 BATCHED_METHODS = ("geiping",)
-DEFAULT_BATCH_CAPTURES = 10  # inversion.batch_captures / --batch-captures (benchmarks/results/inversion_batched.md)
+# inversion.batch_captures / --batch-captures: one by one unless asked. On a 2-core CPU batching 10-20 MNIST CNN
+# captures measured only 1.2-1.3x (benchmarks/results/inversion_batched.md), below what would justify leaving the
+# reference path; on a GPU, where one capture leaves the device idle, ask for more.
+DEFAULT_BATCH_CAPTURES = 1
 
 
 def batch_blocker(case: Case, method: str) -> str | None:
