@@ -39,3 +39,22 @@ def test_output_layer_slice_is_last_linear() -> None:
     s = output_layer_slice(model)
     n = sum(p.numel() for p in model.parameters())
     assert s.stop == n and s.stop - s.start == 64 * 10 + 10
+
+
+def test_cifar_convnet_first_layer_learns_at_init() -> None:
+    """GroupNorm after every convolution keeps the signal alive through the 8 layers: at PyTorch's default
+    initialisation the first convolution's relative gradient ||g|| / ||w|| is about 0.14 here; without
+    normalisation the same net gives about 0.001, the vanishing signal that kept it on CIFAR-10's plateau."""
+    spec = SPECS["cifar_convnet"]
+    model = build_model("cifar_convnet", spec, seed=0)
+    assert sum(isinstance(m, torch.nn.GroupNorm) for m in model.modules()) == 6
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(16, 3, 32, 32, generator=g)
+    y = torch.randint(0, 10, (16,), generator=g)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d)).weight
+    assert first.grad is not None
+    assert float(first.grad.norm() / first.detach().norm()) > 0.02
+    # The same forward in train and eval mode: no running statistics (what FL updates and inversion need).
+    with torch.no_grad():
+        assert torch.equal(model.train()(x), model.eval()(x))

@@ -70,14 +70,30 @@ class LeNet5(nn.Module):
 
 
 class CifarConvNet(nn.Module):
-    """A VGG-style ConvNet for 32x32 colour images: 3 conv blocks (32-64-128) and fc256."""
+    """A VGG-style ConvNet for 32x32 colour images (Simonyan & Zisserman, ICLR 2015: stacks of 3x3
+    convolutions, each block closed by 2x2 max pooling): 3 blocks of two convolutions (32-64-128
+    channels) and fc256, with Group Normalization (Wu & He, ECCV 2018, Eq. 1-3) after every
+    convolution: 8 groups, so even the 32-channel layers keep 4 channels per group (32 groups, their
+    default, would make those layers InstanceNorm, which their ablation finds clearly worse).
+
+    Without normalisation this 8-layer net starts on a long plateau from PyTorch's default
+    initialisation (weight variance 1/(3 fan_in), so the signal shrinks about 2.4x per ReLU layer):
+    the first convolution's relative gradient ||g|| / ||w|| is about 1e-3, against about 0.1 with
+    GroupNorm (tests/test_models.py). GroupNorm fixes that and, unlike BatchNorm,
+    keeps no running statistics, so every FL update is a plain parameter delta and a captured model
+    behaves the same in train and eval mode, which gradient inversion needs (Hsieh et al., ICML 2020,
+    "The Non-IID Data Quagmire", recommend it for FL for the same reason)."""
+
+    groups = 8
 
     def __init__(self, spec: InputSpec) -> None:
         super().__init__()
 
+        def conv(cin: int, cout: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, padding=1), nn.GroupNorm(self.groups, cout), nn.ReLU()]
+
         def block(cin: int, cout: int) -> list[nn.Module]:
-            return [nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(), nn.Conv2d(cout, cout, 3, padding=1),
-                    nn.ReLU(), nn.MaxPool2d(2)]
+            return [*conv(cin, cout), *conv(cout, cout), nn.MaxPool2d(2)]
 
         self.net = nn.Sequential(
             Normalize(spec.mean, spec.std),
