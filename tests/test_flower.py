@@ -209,8 +209,8 @@ def test_robust_strategy_fedavg_equals_flowers_fedavg() -> None:
 def test_robust_strategy_refuses_unknown_rules_and_layers() -> None:
     from flsec.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="aggregator: unknown 'bulyan'; allowed: fedavg, fl_defender"):
-        RobustStrategy("bulyan")
+    with pytest.raises(ConfigError, match="aggregator: unknown 'geomed'; allowed: bulyan, fedavg, fl_defender"):
+        RobustStrategy("geomed")
     s = RobustStrategy("fl_defender", output_layer=["w1", "w2"], min_train_nodes=3, min_available_nodes=3)
     with pytest.raises(ConfigError, match="output_layer: the arrays must be adjacent"):
         _round(s, 1, np.zeros(17), np.ones((3, 17), dtype=np.float32), [1, 1, 1])
