@@ -19,9 +19,7 @@ import argparse
 import json
 import multiprocessing
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ from flsec.aggregation import AggregationContext, AggregatorParams, build_aggreg
 from flsec.aggregation.features import output_layer_slices
 from flsec.io import write_json, write_text
 from flsec.models import InputSpec, build_model
+from provenance import cpu_name, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ["fedavg", "median", "trimmed_mean", "krum", "multi_krum", "foolsgold", "fl_defender", "bulyan",
@@ -51,24 +50,6 @@ def resnet18_stack(k: int, attackers: int) -> tuple[torch.Tensor, slice, slice]:
         stack[i] = sign * direction + 1e-3 * torch.randn(d, generator=g)
     layer, weights = output_layer_slices(model)
     return stack, layer, weights
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from flsec.io import write_bytes, write_json, write_text
 from flsec.sweep import run_sweep
 from flsec.sweep.grid import Axis
 from flsec.sweep.outputs import heatmap_png, mean_std, pct, run_row
+from provenance import default_data_dir, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,25 +154,6 @@ READING = (
 )
 
 
-def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
-        return sha + ("+dirty" if dirty else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def default_data_dir() -> Path:
-    """../shared/data next to the checkout (or next to its parent, for a worktree under wt/)."""
-    for parent in (ROOT.parent, ROOT.parent.parent):
-        if (parent / "shared" / "data").is_dir():
-            return parent / "shared" / "data"
-    return ROOT.parent / "shared" / "data"
-
-
 def base_config(args: argparse.Namespace) -> dict[str, Any]:
     stop = args.attack_rounds
     return apply_overrides(read_toml(ROOT / "configs" / "mnist_defense.toml"), [
@@ -235,7 +216,8 @@ def main() -> None:
             if k not in ("smoke", "rules", "work", "results", "set", "report_only"))
         + "".join(f" --set '{kv}'" for kv in args.set),
         "overrides": args.set,
-        "git_commit": git_commit(), "rules": rules, "attacks": ATTACKS, "attackers": ATTACKERS, "seeds": seeds,
+        "git_commit": git_commit(mark_dirty=True), "rules": rules,
+        "attacks": ATTACKS, "attackers": ATTACKERS, "seeds": seeds,
         "train_size": args.train_size, "test_size": args.test_size, "rounds": args.rounds,
         "attack_rounds": args.attack_rounds, "jobs": args.jobs, "threads_total": args.threads or os.cpu_count(),
         "threads_per_run": max(1, (args.threads or os.cpu_count() or 1) // args.jobs),

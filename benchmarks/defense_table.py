@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 from flsec.config import load_config
 from flsec.fl.server import train
 from flsec.io import write_json, write_text
+from provenance import default_data_dir, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ["fedavg", "krum", "multi_krum", "trimmed_mean", "median", "bulyan", "foolsgold", "fl_defender",
@@ -40,19 +40,6 @@ SCENARIOS = {
     "backdoor": ["attack.kind=\"backdoor\"", "attack.boost=false"],
     "backdoor + boosting": ["attack.kind=\"backdoor\"", "attack.boost=true"],
 }
-
-
-def default_data_dir() -> Path:
-    candidates = [ROOT.parent / "shared" / "data", ROOT.parent.parent / "shared" / "data"]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

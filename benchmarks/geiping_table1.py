@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -39,17 +38,10 @@ from flsec.inversion.records import write_strict_json as write_json
 from flsec.io import write_text, write_with
 from flsec.models import InputSpec, build_model
 from flsec.runtime import resolve_device
+from provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER = {"mean": 18.00, "std": 3.33, "iterations": 4800, "tv": 0.01, "images": 100}
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -113,7 +105,7 @@ def main() -> None:
         "of normalised images, equal up to the channels' std differences)." + reduced,
         "",
         f"Command: `.venv/bin/python benchmarks/geiping_table1.py --images {args.images} --iterations "
-        f"{args.iterations} --device {args.device} --threads {args.threads}`; commit {commit()}; {machine}; "
+        f"{args.iterations} --device {args.device} --threads {args.threads}`; commit {git_commit()}; {machine}; "
         f"wall time {total:.0f} s ({total / len(rows):.0f} s per image).",
         "",
         "![truth (top) and reconstruction (bottom)](geiping_table1.png)",
@@ -122,7 +114,7 @@ def main() -> None:
     write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     write_json(out.with_suffix(".json"), {"paper": PAPER, "mean": mean, "std": std, "rows": rows,
                                           "iterations": args.iterations, "tv": args.tv, "device": str(device),
-                                          "threads": torch.get_num_threads(), "commit": commit(), "seconds": total})
+                                          "threads": torch.get_num_threads(), "commit": git_commit(), "seconds": total})
     fig, axes = plt.subplots(2, len(rows), figsize=(1.3 * len(rows), 3.0))
     for j, (t, r, row) in enumerate(zip(truths, recons, rows, strict=True)):
         for ax, img in ((axes[0, j], t), (axes[1, j], r)):

@@ -23,7 +23,6 @@ import argparse
 import copy
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +46,7 @@ from flsec.inversion.metrics import distribution, score
 from flsec.inversion.records import write_strict_json as write_json
 from flsec.io import write_text, write_with
 from flsec.models import InputSpec, build_model
+from provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 LR, MOMENTUM, BOOST = 0.05, 0.9, 10.0
@@ -70,14 +70,6 @@ def conditions() -> list[dict[str, Any]]:
 def label(c: dict[str, Any]) -> str:
     return (f"{c['model']}, {c['round']} round, N={c['images']}, T={c['steps']}"
             + (", boosted x10" if c["boost"] else ""))
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def local_update(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> torch.Tensor:
@@ -249,7 +241,7 @@ def main() -> None:
               f"PSNR statistics pool the reconstructed images of {args.trials} clients (trials) per condition; label "
               "accuracy is the share of the N true labels recovered as counts.", "",
               f"Command: `.venv/bin/python benchmarks/inversion_realistic.py --data-dir {args.data_dir} --iterations "
-              f"{args.iterations} --trials {args.trials} --threads {args.threads}`; commit {commit()}; "
+              f"{args.iterations} --trials {args.trials} --threads {args.threads}`; commit {git_commit()}; "
               f"{platform.machine()} {platform.system()}, CPU, {torch.get_num_threads()} torch thread(s) on a shared "
               f"2-core machine; wall time {total / 60:.1f} min. Seeds: images of trial t drawn with "
               "derive_seed(t, N, 17), model seed 0, inversion seed 0.", "",
@@ -257,7 +249,7 @@ def main() -> None:
     out = Path(args.out)
     write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     write_json(out.with_suffix(".json"), {"base": BASE, "iterations": args.iterations, "trials": args.trials,
-                                          "summary": summary, "rows": rows, "commit": commit(), "seconds": total})
+                                          "summary": summary, "rows": rows, "commit": git_commit(), "seconds": total})
     plot(summary, out.with_suffix(".png"))
     print("\n".join(lines))
 

@@ -36,9 +36,7 @@ import argparse
 import dataclasses
 import json
 import multiprocessing
-import platform
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,6 +58,7 @@ from flsec.fl.federation import Federation
 from flsec.fl.params import derive_seed, get_flat, set_flat
 from flsec.fl.server import Server
 from flsec.io import write_json, write_text
+from provenance import cpu_name, default_data_dir, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTACKS = {"label_flip": ROOT / "configs" / "fl_defender_label_flip.toml",
@@ -240,30 +239,6 @@ def cell_config(attack: str, rule: str, args: argparse.Namespace) -> ExperimentC
         sets[1] = 'aggregation.name="fedavg"'
         sets += ['attack.kind="none"', "attack.num_malicious=0"]
     return load_config(ATTACKS[attack], sets)
-
-
-def default_data_dir() -> Path:
-    """../shared/data next to the checkout (or next to its parent, for a worktree in a subfolder)."""
-    candidates = [ROOT.parent / "shared" / "data", ROOT.parent.parent / "shared" / "data"]
-    return next((c for c in candidates if c.is_dir()), candidates[0])
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.machine()
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def pct(v: float | None) -> str:

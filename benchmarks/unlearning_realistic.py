@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -43,17 +42,10 @@ from flsec.pipeline import run_pipeline
 from flsec.unlearning.finetune import corrective_unlearning, plain_finetune
 from flsec.unlearning.run import estimate_trigger, settings_from
 from flsec.unlearning.verify import TriggerEstimate, mask_iou
+from provenance import git_commit
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"asr_before_min": 0.90, "iou_min": 0.5, "asr_after_max": 0.05, "ma_loss_max": 0.01}
-
-
-def commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def pct(x: float | None) -> str:
@@ -211,7 +203,7 @@ def main() -> None:
               f"Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/unlearning_realistic.py --data-dir {args.data_dir}"
               + (" --set " + " ".join(args.set) if args.set else "")
               + f" --budgets {' '.join(map(str, args.budgets))}`; commit "
-              f"{commit()}; {platform.machine()} {platform.system()}, CPU, {torch.get_num_threads()} torch thread(s) "
+              f"{git_commit()}; {platform.machine()} {platform.system()}, CPU, {torch.get_num_threads()} torch thread(s) "
               f"on a shared 2-core machine; pipeline {t_pipeline / 60:.1f} min (resumed phases excluded), curve "
               f"{t_curve / 60:.1f} min. Report: {report}.", "",
               "![ASR and MA change vs image budget](unlearning_realistic.png)"]
@@ -219,7 +211,7 @@ def main() -> None:
     write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     write_json(out.with_suffix(".json"), {"config": cfg.model_dump(mode="json"), "unlearning": u,
                                           "inversion_summary": s, "checks": checks, "curve": rows,
-                                          "commit": commit()})
+                                          "commit": git_commit()})
     plot(rows, before, out.with_suffix(".png"))
     print("\n".join(lines))
 
