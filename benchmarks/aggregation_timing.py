@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 from flsec.aggregation import AggregationContext, AggregatorParams, build_aggregator
-from flsec.aggregation.features import output_layer_slices
 from flsec.io import write_json, write_text
 from flsec.models import InputSpec, build_model
+from flsec.models.registry import output_layer_slices
 from provenance import cpu_name, git_commit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -38,7 +38,7 @@ def build_aggregator(name: str, params: AggregatorParams) -> Aggregator:
 def params_from_config(config: ExperimentConfig, model: nn.Module) -> AggregatorParams:
     """The rule settings of an experiment (``[aggregation]``, the assumed number of attackers, the
     federation size and where the model's output layer lies in the flat parameter vector)."""
-    from flsec.aggregation.features import output_layer_slices
+    from flsec.models.registry import output_layer_slices
 
     a = config.aggregation
     layer, weights = output_layer_slices(model)

@@ -69,21 +69,24 @@ def check_fits(name: str, spec: InputSpec, dataset: str) -> None:
                           f"images with {spec.num_classes} classes; allowed for this data: {', '.join(ok) or 'none'}")
 
 
-def output_layer_slice(model: nn.Module) -> slice:
-    """Position of the last ``nn.Linear`` (weight and bias) in the flattened parameter vector."""
+def output_layer_slices(model: nn.Module) -> tuple[slice, slice]:
+    """(weight + bias, weight only) of the last ``nn.Linear`` in the flattened parameter vector."""
     last: nn.Linear | None = None
     for module in model.modules():
         if isinstance(module, nn.Linear):
             last = module
     if last is None:
         raise ValueError("model has no nn.Linear output layer")
-    wanted = {id(p) for p in last.parameters()}
-    start = offset = 0
-    stop = -1
+    offset, start, stop, weight_stop = 0, -1, -1, -1
     for p in model.parameters():
-        if id(p) in wanted:
-            if stop < 0:
-                start = offset
+        if p is last.weight:
+            start, weight_stop = offset, offset + p.numel()
+        if p is last.weight or p is last.bias:
             stop = offset + p.numel()
         offset += p.numel()
-    return slice(start, stop)
+    return slice(start, stop), slice(start, weight_stop)
+
+
+def output_layer_slice(model: nn.Module) -> slice:
+    """Position of the last ``nn.Linear`` (weight and bias) in the flattened parameter vector."""
+    return output_layer_slices(model)[0]
