@@ -76,7 +76,8 @@ def test_shipped_configs_validate() -> None:
         load_config(f)
 
 
-def test_packaged_demo_config_is_the_one_in_configs() -> None:
-    """`flsec demo` reads the packaged copy; configs/demo.toml is what users read and edit."""
+@pytest.mark.parametrize("name", ["demo.toml", "demo_cooperative.toml"])
+def test_packaged_demo_config_is_the_one_in_configs(name: str) -> None:
+    """`flsec demo` reads the packaged copies; configs/demo*.toml are what users read and edit."""
     root = Path(__file__).resolve().parents[1]
-    assert (root / "src" / "flsec" / "configs" / "demo.toml").read_bytes() == (root / "configs" / "demo.toml").read_bytes()
+    assert (root / "src" / "flsec" / "configs" / name).read_bytes() == (root / "configs" / name).read_bytes()

@@ -124,6 +124,8 @@ def invert(
     init: Annotated[str, typer.Option("--init", help="uniform or normal")] = "uniform",
     batch_captures: Annotated[int, typer.Option("--batch-captures", min=1, help="gradient captures inverted at once "
                                                 "in one vectorised optimisation (1: one by one)")] = 1,
+    max_captures: Annotated[int | None, typer.Option("--max-captures", min=1, help="with --all: only this many, the "
+                                                     "clients the server found most suspicious first")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Phase 2: reconstruct the images behind captured client gradients/updates (Ctrl-C stops; re-run resumes)."""
@@ -142,7 +144,7 @@ def invert(
         name = str(exc).split(":", 1)[0]
         raise ConfigError(f"{flag.get(name, name)}:{str(exc).split(':', 1)[1]}") from None
     report = run_inversion(checkpoint, out, round_=round_, client=client, kind=target, method=method,
-                           every=every, settings=settings, batch_captures=batch_captures)
+                           every=every, settings=settings, batch_captures=batch_captures, max_captures=max_captures)
     s = report["summary"]
     trig = s["mean_trigger_correlation"]
     p = s["psnr_stats"]
@@ -175,37 +177,50 @@ def unlearn(
     out: Annotated[Path, typer.Option("--out", "-o", help="where the repaired checkpoint and metrics go")],
     steps: Annotated[int | None, typer.Option("--steps", min=1, help="fine-tuning steps (default: config)")] = None,
     lr: Annotated[float | None, typer.Option("--lr", min=1e-12, help="fine-tuning step size (default: config)")] = None,
-    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="run the two baselines")] = True,
+    carriers: Annotated[str | None, typer.Option("--carriers", help="reconstructions, root (a clean root set the "
+                                                 "server holds) or synthetic (from the model alone); default: "
+                                                 "the run's unlearning.carriers")] = None,
+    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="run the baselines")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Phase 3: verify the backdoor from reconstructions, unlearn it, compare with baselines."""
     from dataclasses import replace
 
+    from flsec.errors import ConfigError
     from flsec.fl.checkpoint import load_checkpoint
+    from flsec.unlearning.carriers import CARRIERS
     from flsec.unlearning.run import run_unlearning, settings_from
 
+    if carriers is not None and carriers not in CARRIERS:
+        raise ConfigError(f"--carriers: unknown '{carriers}'; allowed: {', '.join(CARRIERS)}")
     cfg = load_checkpoint(checkpoint).config
     settings = settings_from(cfg.unlearning, cfg.seed, not quiet)
     settings = replace(settings, steps=steps or settings.steps, lr=lr or settings.lr)
     res = run_unlearning(checkpoint, images, out, settings, baselines=baselines, progress=not quiet,
-                         retrain=cfg.unlearning.retrain_baseline)
+                         retrain=cfg.unlearning.retrain_baseline, carriers=carriers)
     _print_unlearning(res)
 
 
 def _print_unlearning(res: dict) -> None:
     v = res["verification"]
-    if "suspected_target" in v:
-        typer.echo(f"verification: backdoor {'found' if v['backdoor_found'] else 'not confirmed'}, suspected target "
-                   f"{v['suspected_target']}, {v['suspects']}/{v['reconstructions']} suspects, "
-                   f"trigger-mask IoU "
-                   + ("n/a" if v.get("mask_iou_with_true_trigger") is None else f"{v['mask_iou_with_true_trigger']:.2f}"))
+    held = res.get("defender_holdings", {})
+    if held.get("carriers"):
+        typer.echo(f"defender held: {res.get('defender_holds')}")
+    if ("suspected_target" in v and v.get("backdoor_found", True) is not False) or res.get("unlearned"):
+        iou = v.get("mask_iou_with_true_trigger")
+        typer.echo(f"verification: backdoor {'found' if v.get('backdoor_found') else 'not confirmed'} "
+                   f"({v.get('trigger_source', 'verification')}), suspected target {v.get('suspected_target')}, "
+                   + (f"{v['suspects']}/{v['reconstructions']} suspects, " if v.get("suspects") is not None else "")
+                   + "trigger-mask IoU " + ("n/a" if iou is None else f"{iou:.2f}"))
     else:
-        typer.echo(f"verification: no backdoor found in {v['reconstructions']} reconstructions ({v['reason']}); "
+        typer.echo(f"verification: no backdoor found in {v['reconstructions']} reconstructions ({v.get('reason')}); "
                    "model left unchanged")
     rows = [("before", res["before"]), ("after unlearning", res["after"])]
-    rows += [(k.replace("_", " "), res[k]) for k in ("baseline_finetune", "baseline_retrain") if k in res]
+    names = {"baseline_neural_cleanse": "NC, model alone", "baseline_finetune": "fine-tune on root",
+             "baseline_retrain_suspects": "retrain w/o suspects", "baseline_retrain": "retrain w/o attackers"}
+    rows += [(names[k], res[k]) for k in names if k in res]
     for name, m in rows:
-        typer.echo(f"  {name:20s} MA {100 * m['ma']:6.2f}%  ASR {100 * m['asr']:6.2f}%")
+        typer.echo(f"  {name:22s} MA {100 * m['ma']:6.2f}%  ASR {100 * m['asr']:6.2f}%")
 
 
 @app.command()
@@ -233,7 +248,11 @@ def run(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="run directory")] = Path("runs/demo"),
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="run directory (default runs/demo, or "
+                                             "runs/demo-cooperative)")] = None,
+    realistic: Annotated[bool, typer.Option("--realistic/--cooperative", help="what the server sees: real FedAvg "
+                                            "updates, suspects chosen by the server (default), or the seed's "
+                                            "cooperative batch-1 gradients of every client")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars")] = False,
 ) -> None:
     """`flsec run` on the embedded digits default (no download); re-running it reuses finished phases."""
@@ -242,7 +261,8 @@ def demo(
     from flsec.config import build_config, read_toml
     from flsec.pipeline import run_pipeline
 
-    with as_file(files("flsec") / "configs" / "demo.toml") as path:
+    out = out or Path("runs/demo" if realistic else "runs/demo-cooperative")
+    with as_file(files("flsec") / "configs" / ("demo.toml" if realistic else "demo_cooperative.toml")) as path:
         cfg = build_config(read_toml(Path(path)))
     report = run_pipeline(cfg, out, progress=not quiet)
     _print_run(out, report)
@@ -321,7 +341,8 @@ def interrupted_message(argv: list[str], detail: str = "") -> str:
         kept = _committed_round(Path(out))
         return f"interrupted: {kept} in {out}; continue with: {resume}"
     if command in ("run", "demo"):
-        where = out or ("runs/demo" if command == "demo" else "runs/run")
+        default = ("runs/demo-cooperative" if "--cooperative" in argv else "runs/demo") if command == "demo" else "runs/run"
+        where = out or default
         kept = _committed_round(Path(where) / "train")
         phases = [p for p, f in (("inversion", "invert/metrics.json"), ("unlearning", "unlearn/metrics.json"))
                   if (Path(where) / f).is_file()]

@@ -65,6 +65,8 @@ class TrainingConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     server_lr: float = Field(1.0, gt=0)
+    exclude_clients: list[int] = Field(default_factory=list, description="clients that never take part (e.g. a "
+                                       "retraining baseline without the suspects); rounds select among the others")
 
 
 class TriggerConfig(_Section):
@@ -185,9 +187,31 @@ class AggregationConfig(_Section):
 DEFAULT_CAPTURE_MODE: Literal["realistic", "cooperative"] = "cooperative"
 
 
+class DetectionConfig(_Section):
+    """Which clients the server suspects each round, from what it received (flsec.detection)."""
+
+    detector: str = Field("auto", description="auto (the aggregation rule's own exclusions where it makes them, else "
+                                              "norm_cosine), rule, norm, cosine, norm_cosine or a plug-in")
+    threshold: float = Field(3.5, gt=0, description="modified z-score above which an update is an outlier "
+                                                    "(Iglewicz & Hoaglin's 3.5)")
+
+    @field_validator("detector")
+    @classmethod
+    def _known_detector(cls, v: str) -> str:
+        if v == "auto":
+            return v
+        try:
+            return _registered("suspect detector", v)
+        except ValueError as exc:
+            raise ValueError(str(exc).replace("allowed: ", "allowed: auto, ")) from None
+
+
 class CaptureConfig(_Section):
     rounds: Literal["last", "all"] | list[int] = Field("last", description="1-based rounds to capture")
-    clients: Literal["malicious", "all"] | list[int] = Field("malicious", description="clients to capture")
+    clients: Literal["suspects", "malicious", "all"] | list[int] = Field(
+        "suspects", description="whose updates to keep: suspects (the server's own choice, [detection]; the default "
+                                "in realistic mode), all, a list of ids, or malicious (cooperative mode only: it "
+                                "uses the ground truth of who attacked; the default there)")
     mode: Literal["realistic", "cooperative"] = Field(
         DEFAULT_CAPTURE_MODE,
         description="realistic: keep only what FedAvg clients send (their updates); cooperative: clients also "
@@ -211,10 +235,16 @@ class CaptureConfig(_Section):
             mode = "cooperative" if sizes not in (None, []) else DEFAULT_CAPTURE_MODE
             data = {**data, "mode": mode}
         if mode == "realistic":
+            if data.get("clients") == "malicious":
+                raise ValueError("capture.clients: 'malicious' chooses by the ground truth of who attacked, which a "
+                                 "server never knows; in capture.mode = 'realistic' use 'suspects' (the server's "
+                                 "choice, the default), 'all' or a list of client ids")
             if sizes not in (None, []):
                 raise ValueError("capture.gradient_batch_sizes: must be [] when capture.mode = 'realistic' (a real "
                                  "FedAvg client sends only its update); use capture.mode = 'cooperative'")
             return {**data, "gradient_batch_sizes": []}
+        if mode == "cooperative" and "clients" not in data:
+            data = {**data, "clients": "malicious"}  # the seed's setting
         return data
 
     @field_validator("gradient_batch_sizes")
@@ -251,6 +281,8 @@ class InversionConfig(_Section):
                                                                      "the optimised space")
     batch_captures: int = Field(1, ge=1, le=4096, description="gradient captures inverted at once in one vectorised "
                                 "optimisation (1: one by one, the reference; see benchmarks/results/inversion_batched.md)")
+    max_captures: int | None = Field(None, ge=1, description="invert only this many captures, the most suspicious "
+                                     "first (the detector's score recorded with each capture); default: every one")
 
     @field_validator("method")
     @classmethod
@@ -258,22 +290,47 @@ class InversionConfig(_Section):
         return _registered("inversion method", v)
 
 
+class SyntheticCarriersConfig(_Section):
+    """``unlearning.carriers = "synthetic"``: images synthesised from the global model alone (model
+    inversion with image priors, Yin et al. 2020 "Dreaming to Distill"), labelled by the model."""
+
+    per_class: int = Field(30, ge=1, le=1000, description="images synthesised for each class")
+    steps: int = Field(300, ge=1, description="optimisation steps")
+    lr: float = Field(0.05, gt=0, description="Adam step size on the images' logits")
+    tv_weight: float = Field(0.1, ge=0, description="weight of the total-variation prior (per-pixel mean)")
+    l2_weight: float = Field(0.1, ge=0, description="weight of the L2 (image energy) prior (per-pixel mean)")
+    jitter: int = Field(2, ge=0, description="random translation in pixels at each step (DeepInversion's jitter)")
+    bn_weight: float = Field(0.01, ge=0, description="weight of batch-norm feature-statistics matching (models with "
+                                                     "BatchNorm running statistics only)")
+
+
 class UnlearningConfig(_Section):
-    """Phase 3: fine-tuning on the reconstructions (and the baselines run on the same budget)."""
+    """Phase 3: verification, trigger estimation and unlearning on carriers (and the baselines run on the same budget)."""
 
     steps: int = Field(300, ge=1)
     batch_size: int = Field(32, ge=1)
     lr: float = Field(0.01, gt=0)
-    retention_weight: float = Field(1.0, ge=0, description="weight of the distillation (retention) term")
+    retention_weight: float = Field(3.0, ge=0, description="weight lambda of the distillation term (the pre-unlearning "
+                                                           "model's outputs on the untriggered carriers) against the "
+                                                           "unlearning term; the loss is divided by 1 + lambda")
     augment_shift: int = Field(2, ge=0, description="random translation in pixels")
     augment_noise: float = Field(0.05, ge=0, description="std of added Gaussian pixel noise")
-    baselines: bool = Field(True, description="also run plain fine-tuning and retraining without attackers")
-    retrain_baseline: bool = Field(True, description="with baselines: include retraining without the attackers "
-                                                     "(as long as phase 1 again)")
+    carriers: Literal["reconstructions", "root", "synthetic"] | None = Field(
+        None, description="images the trigger is stamped on while unlearning: the reconstructions, a server-held clean "
+                          "root set of root_size images, or images synthesised from the global model (no data at "
+                          "all); default: reconstructions with the cooperative capture, synthetic with the realistic")
+    root_size: int = Field(100, ge=1, description="carriers = root: clean training images the server holds (the same "
+                                                  "seeded draw as FLTrust's root set)")
+    synthetic: SyntheticCarriersConfig = SyntheticCarriersConfig()
+    baselines: bool = Field(True, description="also run the baselines: Neural Cleanse on the model alone, fine-tuning on "
+                                              "clean images, retraining without the suspects and without the attackers")
+    retrain_baseline: bool = Field(True, description="with baselines: include the two retraining baselines (each as long "
+                                                     "as phase 1 again)")
     trigger_source: Literal["auto", "verification", "reverse"] = Field(
         "auto", description="how the trigger is estimated: from what the reconstructions show (verification), by "
-                            "Neural Cleanse reverse engineering on them (reverse), or auto = verification, then "
-                            "reverse engineering when the reconstructions show no trigger")
+                            "Neural Cleanse on the carriers for the target the reconstructions point at (reverse), or "
+                            "auto = verification, then reverse when the reconstructions show no trigger")
+    reverse_steps: int = Field(300, ge=1, description="Neural Cleanse: optimisation steps per reversed class")
 
 
 class FlowerConfig(_Section):
@@ -324,6 +381,7 @@ class ExperimentConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     attack: AttackConfig = AttackConfig()
     aggregation: AggregationConfig = AggregationConfig()
+    detection: DetectionConfig = DetectionConfig()
     capture: CaptureConfig = CaptureConfig()
     inversion: InversionConfig = InversionConfig()
     unlearning: UnlearningConfig = UnlearningConfig()
@@ -337,6 +395,11 @@ class ExperimentConfig(_Section):
         for cid in self.attack.malicious_ids or []:
             if not 0 <= cid < n:
                 raise ValueError(f"attack.malicious_ids: {cid} is not in 0..{n - 1}")
+        excluded = self.training.exclude_clients
+        if any(not 0 <= c < n for c in excluded) or len(set(excluded)) != len(excluded):
+            raise ValueError(f"training.exclude_clients: ids must be distinct and in 0..{n - 1}, got {excluded}")
+        if len(excluded) >= n:
+            raise ValueError(f"training.exclude_clients: excludes all {n} clients; at least one must take part")
         for r in self.attack.rounds or []:
             if not 1 <= r <= self.training.rounds:
                 raise ValueError(f"attack.rounds: {r} is not in 1..{self.training.rounds}")
@@ -362,8 +425,16 @@ class ExperimentConfig(_Section):
         return list(range(self.attack.num_malicious))
 
     @property
+    def carriers(self) -> str:
+        """The unlearning carriers in effect (``unlearning.carriers`` or the capture mode's default)."""
+        if self.unlearning.carriers is not None:
+            return self.unlearning.carriers
+        return "synthetic" if self.capture.mode == "realistic" else "reconstructions"
+
+    @property
     def clients_per_round(self) -> int:
-        return max(1, round(self.training.client_fraction * self.training.num_clients))
+        t = self.training
+        return min(max(1, round(t.client_fraction * t.num_clients)), t.num_clients - len(t.exclude_clients))
 
     @property
     def assumed_attackers(self) -> int:

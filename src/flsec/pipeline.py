@@ -47,7 +47,7 @@ def _run_phases(config: ExperimentConfig, out: Path, progress: bool, device: tor
     inv = config.inversion
     run_inversion(train_dir, inv_dir, kind=inv.target, method=inv.method, every=True,
                   settings=inversion_settings(inv, config.seed, progress), device=device,
-                  batch_captures=inv.batch_captures)
+                  batch_captures=inv.batch_captures, max_captures=inv.max_captures)
 
     if not (unl_dir / "metrics.json").exists():
         run_unlearning(train_dir, inv_dir, unl_dir, settings_from(config.unlearning, config.seed, progress),

@@ -24,6 +24,10 @@ def registry_for(kind: str) -> Registry[Any]:
         from flsec.attacks.registry import load_builtin
 
         return load_builtin()
+    if kind == "suspect detector":
+        from flsec.detection import DETECTORS
+
+        return DETECTORS
     if kind == "inversion method":
         from flsec.inversion import METHODS
 

@@ -75,12 +75,20 @@ class AggregationResult:
 
     ``rejected`` maps a client id to the reason its update was not used at all (e.g. not finite);
     ``notes`` are one-line remarks on what the rule did this round (e.g. a fallback it took).
+
+    Rules that exclude clients on purpose (:attr:`Aggregator.excludes`) also say whom and how
+    strongly: ``excluded`` (k booleans: the rule judged the update adversarial and left it out) and
+    ``suspicion`` (k floats, larger = more suspect; only the order matters). A rule that excludes but
+    leaves them unset gets them from its weights (excluded = weight 0, suspicion = 1 - w / max w);
+    rejected (non-finite) rows are always excluded. :mod:`flsec.detection` reads them.
     """
 
     update: torch.Tensor
     weights: torch.Tensor
     rejected: dict[int, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    excluded: torch.Tensor | None = None
+    suspicion: torch.Tensor | None = None
 
 
 def finite_rows(updates: torch.Tensor) -> torch.Tensor:
@@ -116,6 +124,9 @@ class Aggregator:
     needs: ClassVar[frozenset[str]] = frozenset()
     #: The server keeps a root dataset out of the training split for this rule (``aggregation.root_size``).
     uses_root_data: ClassVar[bool] = False
+    #: The rule leaves out (or weighs to zero) updates it judges adversarial; its ``excluded`` and
+    #: ``suspicion`` are then what the ``rule`` suspect detector reports (:mod:`flsec.detection`).
+    excludes: ClassVar[bool] = False
 
     def __init__(self, params: AggregatorParams | None = None) -> None:
         self.params = params or AggregatorParams()
@@ -185,7 +196,26 @@ class Aggregator:
             )
         weights = torch.zeros(k)
         weights[kept] = result.weights.to(torch.float32)
-        return AggregationResult(update, weights, {**rejected, **result.rejected}, list(result.notes))
+        excluded, suspicion = self._judgement(result, kept, k)
+        return AggregationResult(update, weights, {**rejected, **result.rejected}, list(result.notes), excluded,
+                                 suspicion)
+
+    def _judgement(self, result: AggregationResult, kept: torch.Tensor, k: int
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``excluded`` and ``suspicion`` over all k rows (see :class:`AggregationResult`), or (None,
+        None) for a rule that does not exclude."""
+        if not self.excludes:
+            return None, None
+        w = result.weights.to(torch.float64)
+        top = float(w.max()) if len(w) else 0.0
+        excl = result.excluded if result.excluded is not None else w <= 0
+        susp = result.suspicion if result.suspicion is not None else (
+            1.0 - w / top if top > 0 else torch.ones_like(w))
+        excluded = torch.ones(k, dtype=torch.bool)
+        suspicion = torch.full((k,), float("inf"), dtype=torch.float64)
+        excluded[kept] = excl.to(torch.bool)
+        suspicion[kept] = susp.to(torch.float64)
+        return excluded, suspicion
 
     def _aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[int],
                    context: AggregationContext | None = None) -> AggregationResult:

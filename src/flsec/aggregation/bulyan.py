@@ -70,6 +70,7 @@ class Bulyan(Aggregator):
     name = "bulyan"
     summary = "k - 2f recursive Krum selections, then per coordinate the mean of the k - 4f values closest to the median"
     citation = "El Mhamdi, Guerraoui & Rouault 2018, \"The Hidden Vulnerability of Distributed Learning in Byzantium\", ICML"
+    excludes = True  # its zero-weight updates are the ones it judged adversarial
 
     def min_updates(self) -> int:
         return 4 * self.params.f + 3

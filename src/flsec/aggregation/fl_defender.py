@@ -87,6 +87,7 @@ class FLDefender(Aggregator):
         "Jebreel & Domingo-Ferrer 2023, \"FL-Defender: Combating Targeted Attacks in Federated Learning\", "
         "Knowledge-Based Systems 260 (code: najeebjebreel/FL-Defender)"
     )
+    excludes = True  # its zero-weight updates are the ones it judged adversarial
 
     def __init__(self, params=None) -> None:  # type: ignore[no-untyped-def]
         super().__init__(params)

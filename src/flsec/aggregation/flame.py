@@ -68,6 +68,7 @@ class Flame(Aggregator):
     name = "flame"
     summary = "HDBSCAN on cosine distances of the local models, median-norm clipping, noise `flame_noise` x median norm"
     citation = "Nguyen et al. 2022, \"FLAME: Taming Backdoors in Federated Learning\", USENIX Security, Alg. 1"
+    excludes = True  # its zero-weight updates are the ones it judged adversarial
     needs = frozenset({"generator", "global_weights"})
 
     def __init__(self, params=None) -> None:  # type: ignore[no-untyped-def]

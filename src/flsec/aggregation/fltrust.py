@@ -50,6 +50,7 @@ class FLTrust(Aggregator):
     name = "fltrust"
     summary = "trust = ReLU(cos) to the server's own update on `root_size` clean samples, magnitudes normalised to it"
     citation = "Cao, Fang, Liu & Gong 2021, \"FLTrust: Byzantine-robust Federated Learning via Trust Bootstrapping\", NDSS"
+    excludes = True  # its zero-weight updates are the ones it judged adversarial
     needs = frozenset({"server_update"})
     uses_root_data = True
 

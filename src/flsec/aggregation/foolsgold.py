@@ -67,6 +67,7 @@ class FoolsGold(Aggregator):
         "Fung, Yoon & Beschastnikh 2020, \"The Limitations of Federated Learning in Sybil Settings\", RAID "
         "(code: DistributedML/FoolsGold)"
     )
+    excludes = True  # its zero-weight updates are the ones it judged adversarial
 
     def __init__(self, params=None) -> None:  # type: ignore[no-untyped-def]
         super().__init__(params)

@@ -59,13 +59,20 @@ def krum_order(updates: torch.Tensor, f: int) -> list[int]:
 
 def multi_krum(updates: torch.Tensor, f: int, m: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of the ``m`` updates of least Krum score (m = 1 is Krum); returns (update in float64, weights)."""
+    update, weights, _ = multi_krum_scored(updates, f, m)
+    return update, weights
+
+
+def multi_krum_scored(updates: torch.Tensor, f: int, m: int = 1) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """:func:`multi_krum` and the row indices by increasing Krum score."""
     k = updates.shape[0]
     if not 1 <= m <= k:
         raise ValueError(f"multi_krum: m = {m} is not in 1..{k}")
-    chosen = torch.tensor(krum_order(updates, f)[:m])
+    order = krum_order(updates, f)
+    chosen = torch.tensor(order[:m])
     weights = torch.zeros(k, dtype=torch.float64)
     weights[chosen] = 1.0 / m
-    return weighted_sum(weights, updates), weights
+    return weighted_sum(weights, updates), weights, order
 
 
 @AGGREGATORS.register("krum")
@@ -73,6 +80,9 @@ class Krum(Aggregator):
     name = "krum"
     summary = "the update with the least sum of squared distances to its k - f - 2 nearest others"
     citation = "Blanchard et al. 2017, \"Machine Learning with Adversaries: Byzantine Tolerant Gradient Descent\", NeurIPS"
+    #: Krum's own judgement: the f updates of largest score are the adversarial ones it tolerates
+    #: (whatever m is; Krum itself leaves out k - 1 honest updates too). Suspicion: the rank by score.
+    excludes = True
 
     def min_updates(self) -> int:
         return 2 * self.params.f + 3
@@ -87,7 +97,13 @@ class Krum(Aggregator):
         if m > k:
             notes.append(f"{self.name}: multi_krum_m = {m} but only {k} finite updates this round; averaged all {k}")
             m = k
-        return AggregationResult(*multi_krum(updates, self.params.f, m), notes=notes)
+        update, weights, order = multi_krum_scored(updates, self.params.f, m)
+        suspicion = torch.empty(k, dtype=torch.float64)
+        suspicion[torch.tensor(order)] = torch.arange(k, dtype=torch.float64) / max(k - 1, 1)
+        excluded = torch.zeros(k, dtype=torch.bool)
+        if self.params.f:
+            excluded[torch.tensor(order[k - self.params.f:])] = True
+        return AggregationResult(update, weights, notes=notes, excluded=excluded, suspicion=suspicion)
 
 
 @AGGREGATORS.register("multi_krum")

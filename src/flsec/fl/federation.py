@@ -26,13 +26,26 @@ from flsec.runtime import Runtime, Stopwatch
 ROOT_DATA = 5
 
 
+def root_order(n: int, seed: int) -> torch.Tensor:
+    """The seeded order in which the server draws its root samples from a training split of ``n``."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, ROOT_DATA)))
+
+
+def root_indices(n: int, size: int, seed: int, field_name: str = "unlearning.root_size") -> torch.Tensor:
+    """The server's ``size`` root samples (sorted indices): the first ``size`` of :func:`root_order`, so
+    root sets of different sizes are nested and FLTrust's and phase 3's coincide at equal size."""
+    if size >= n:
+        raise ConfigError(f"{field_name}: {size} leaves no training data (the split has {n} samples)")
+    return root_order(n, seed)[:size].sort().values
+
+
 def take_root_data(data: ImageDataset, size: int, seed: int) -> tuple[ImageDataset, tuple[torch.Tensor, torch.Tensor]]:
     """A seeded uniform draw of ``size`` training samples for the server (FLTrust's root dataset),
     removed from the training split the clients are partitioned from."""
     n = len(data.y_train)
     if size >= n:
         raise ConfigError(f"aggregation.root_size: {size} leaves no training data (the split has {n} samples)")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, ROOT_DATA)))
+    order = root_order(n, seed)
     root, rest = order[:size].sort().values, order[size:].sort().values
     return (replace(data, x_train=data.x_train[rest], y_train=data.y_train[rest]),
             (data.x_train[root], data.y_train[root]))

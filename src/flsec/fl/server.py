@@ -24,6 +24,7 @@ from flsec.aggregation import AggregationContext, build_aggregator, params_from_
 from flsec.attacks.base import KNOWLEDGE, PREVIOUS_GLOBAL_UPDATE
 from flsec.attacks.durability import rounds_since_attack
 from flsec.config import ExperimentConfig
+from flsec.detection import Suspicion, detect, resolve_detector
 from flsec.errors import CheckpointError, ConfigError, FlsecError
 from flsec.faults import fault_point
 from flsec.fl.checkpoint import (
@@ -59,21 +60,36 @@ def training_fields(config: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in config.items() if k not in ("inversion", "unlearning", "name", "runtime")}
 
 
-def select_clients(seed: int, round_: int, num_clients: int, per_round: int) -> list[int]:
+def select_clients(seed: int, round_: int, num_clients: int, per_round: int, excluded: Sequence[int] = ()) -> list[int]:
+    """The round's ``per_round`` clients, drawn without replacement among those not ``excluded`` (with
+    none excluded, the draw is the same as over all ``num_clients``)."""
     rng = np.random.default_rng(derive_seed(seed, round_, SELECT))
-    return sorted(rng.choice(num_clients, size=per_round, replace=False).tolist())
+    allowed = np.array([c for c in range(num_clients) if c not in set(excluded)])
+    return sorted(allowed[rng.choice(len(allowed), size=per_round, replace=False)].tolist())
 
 
 def capture_plan(config: ExperimentConfig) -> tuple[set[int], set[int]]:
+    """The captured rounds and the clients whose replies carry a capture. With ``capture.clients =
+    "suspects"`` every client's reply does, and the server keeps those of the round's suspects."""
     cap, rounds = config.capture, config.training.rounds
     cap_rounds = {rounds} if cap.rounds == "last" else set(range(1, rounds + 1)) if cap.rounds == "all" else set(cap.rounds)
     if cap.clients == "malicious":
         cap_clients = set(config.malicious_ids)
-    elif cap.clients == "all":
+    elif cap.clients in ("all", "suspects"):
         cap_clients = set(range(config.training.num_clients))
     else:
         cap_clients = set(cap.clients)
     return cap_rounds, cap_clients
+
+
+def detection_record(suspicion: Suspicion, attackers: list[int]) -> dict[str, Any]:
+    """The round record's suspect fields: the detector's verdict (what the server decided) and, for
+    evaluation only, its precision and recall against the round's true attackers (None where undefined)."""
+    hits = len(set(suspicion.suspects) & set(attackers))
+    return {"detector": suspicion.detector, "suspects": suspicion.suspects,
+            "suspicion": [_rounded(float(v)) for v in suspicion.scores],
+            "suspects_precision": round(hits / len(suspicion.suspects), 6) if suspicion.suspects else None,
+            "suspects_recall": round(hits / len(attackers), 6) if attackers else None}
 
 
 class Server:
@@ -97,6 +113,8 @@ class Server:
         self.start_round = 1
         self.finished: Checkpoint | None = None
         self.cap_rounds, self.cap_clients = capture_plan(config)
+        self.keep_suspects_only = config.capture.clients == "suspects"
+        self.detector = resolve_detector(config.detection.detector, self.aggregator)
         self.timings: list[dict[str, float]] = []
         self.client_engine = config.runtime.client_engine
         self._saving = 0.0
@@ -167,7 +185,8 @@ class Server:
 
     def begin_round(self, r: int) -> list[ClientTask]:
         """Select the round's clients and build their tasks (in increasing client id)."""
-        selected = select_clients(self.config.seed, r, self.config.training.num_clients, self.per_round)
+        t = self.config.training
+        selected = select_clients(self.config.seed, r, t.num_clients, self.per_round, t.exclude_clients)
         attackers = sum(self.fed.attacking(c, r) for c in selected)
         t0 = time.perf_counter()
         if r in self.cap_rounds and self.cap_clients & set(selected):
@@ -206,9 +225,6 @@ class Server:
         _sync(self.fed.runtime.device)
         t_clients = time.perf_counter()
         attack = self.fed.stopwatch.pop("attack")
-        for rep in replies:
-            if rep.capture is not None:
-                self.writer.write_capture(r, rep.client, rep.capture.sent, rep.capture.truth, rep.capture.meta)
         t_agg = time.perf_counter()
         updates = [rep.update for rep in replies]
         stack = torch.stack(updates)
@@ -231,6 +247,7 @@ class Server:
         set_flat(self.model, new_global)
         _sync(self.fed.runtime.device)
         self.previous_update = new_global - global_flat
+        suspicion = detect(self.detector, stack, selected, result, self.config.detection.threshold)
         t_eval = time.perf_counter()
         metrics = self.fed.evaluate(self.model)
         record = {
@@ -251,8 +268,10 @@ class Server:
             record["non_finite_updates"] = [c for c, ok in zip(selected, finite.tolist(), strict=True) if not ok]
         record.update({k: _rounded(v) for k, v in metrics.items() if k not in record})
         record["rounds_since_attack"] = rounds_since_attack([*self.history, record])
+        record.update(detection_record(suspicion, record["attackers"]))
         self.history.append(record)
         t_commit = time.perf_counter()
+        self._write_captures(r, replies, suspicion)
         timing = {"local_training": t_clients - t_begin - attack, "attack": attack, "aggregation": t_eval - t_agg,
                   "evaluation": t_commit - t_eval}
         self.seconds.append(sum(timing.values()))
@@ -263,6 +282,17 @@ class Server:
         self.timings.append(timing)
         self._round = None
         return record
+
+    def _write_captures(self, r: int, replies: Sequence[ClientReply], suspicion: Suspicion) -> None:
+        """Store the round's captures (with ``capture.clients = "suspects"``: the suspects' only), each with
+        the detector's score of its client, by which phase 2 ranks them."""
+        for rep in replies:
+            if rep.capture is None or (self.keep_suspects_only and rep.client not in suspicion.suspects):
+                continue
+            score = suspicion.score_of(rep.client)
+            meta = {**rep.capture.meta, "suspected": rep.client in suspicion.suspects, "detector": suspicion.detector,
+                    "suspicion": score if math.isfinite(score) else None}
+            self.writer.write_capture(r, rep.client, rep.capture.sent, rep.capture.truth, meta)
 
     def _context(self, r: int, global_flat: torch.Tensor, client_steps: list[int]) -> AggregationContext:
         """What the aggregator may use besides the updates: a seeded generator, the global weights

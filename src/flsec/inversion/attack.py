@@ -69,10 +69,34 @@ def available_targets(ckpt: Checkpoint) -> list[Target]:
     return [Target(c["round"], c["client"], kind) for c in ckpt.captures() for kind in c["tensors"]]
 
 
+def prioritised(ckpt: Checkpoint, targets: list[Target], limit: int | None) -> list[Target]:
+    """The ``limit`` targets phase 2 should invert first, returned in (round, client) order; ``limit``
+    None keeps every target.
+
+    Each client's *first* captured update comes before its later ones (clients ordered by that
+    round, then by the detector's score recorded with the capture, larger first), then each
+    client's second, and so on. Early updates of an attack say the most: the longer a backdoor has
+    been in the global model, the better the model already fits the poisoned samples, and a
+    saturated backdoor's triggered samples add nothing to the update (their gradient is zero).
+    Taking one update per suspect before a second of any spreads the budget over the suspects."""
+    if limit is None or len(targets) <= limit:
+        return sorted(targets, key=lambda t: (t.round, t.client, t.kind))
+    score = {(c["round"], c["client"]): c.get("suspicion") for c in ckpt.captures()}
+    seen: dict[int, int] = {}
+    keyed = []
+    for t in sorted(targets, key=lambda t: (t.round, t.client, t.kind)):
+        s = score.get((t.round, t.client))
+        nth = seen.get(t.client, 0)
+        seen[t.client] = nth + 1
+        keyed.append(((nth, t.round, -s if isinstance(s, int | float) else math.inf, t.client, t.kind), t))
+    return sorted((t for _, t in sorted(keyed, key=lambda kt: kt[0])[:limit]), key=lambda t: (t.round, t.client, t.kind))
+
+
 def select_targets(ckpt: Checkpoint, round_: int | None, client: int | None, kind: str | None,
-                   every: bool) -> list[Target]:
+                   every: bool, limit: int | None = None) -> list[Target]:
     """The captures to invert. Default: the last captured round, its first client, the smallest
-    gradient batch (or the update if no gradient was captured); ``every`` keeps all matches."""
+    gradient batch (or the update if no gradient was captured); ``every`` keeps all matches, or the
+    ``limit`` of them to invert first (:func:`prioritised`)."""
     targets = available_targets(ckpt)
     if not targets:
         raise FlsecError(f"{ckpt.root}: the checkpoint holds no captured updates or gradients (see [capture])")
@@ -87,7 +111,7 @@ def select_targets(ckpt: Checkpoint, round_: int | None, client: int | None, kin
     if every:
         if kind is None and any(t.kind != "update" for t in pool):
             pool = [t for t in pool if t.kind != "update"]  # gradients are what can be inverted at scale
-        return pool
+        return prioritised(ckpt, sorted(pool, key=lambda t: (t.round, t.client, t.kind)), limit)
     last_round = max(t.round for t in pool) if round_ is None else round_
     pool = [t for t in pool if t.round == last_round]
     first_client = min(t.client for t in pool)
@@ -185,6 +209,7 @@ def _scored(ckpt: Checkpoint, target: Target, case: Case, meta: dict[str, Any], 
                         "true_labels": true_y.tolist(), "inferred_counts": counts.tolist(),
                         "candidate_labels": labels.cpu().tolist(), "inferred_labels": labels.cpu().tolist(),
                         "malicious_client": _malicious(ckpt, target),
+                        "suspected": meta.get("suspected"), "suspicion": meta.get("suspicion"),
                         "observed_norm": float(case.observed.double().norm()),
                         "poisoned": poisoned.long().tolist()}}
 
@@ -327,7 +352,7 @@ def plan_batches(targets: list[Target], method: str, batch_captures: int) -> lis
 def run_inversion(checkpoint: Path, out: Path, *, round_: int | None = None, client: int | None = None,
                   kind: str | None = None, method: str = "geiping", every: bool = False,
                   settings: InversionSettings | None = None, device: torch.device | None = None,
-                  batch_captures: int = DEFAULT_BATCH_CAPTURES) -> dict[str, Any]:
+                  batch_captures: int = DEFAULT_BATCH_CAPTURES, max_captures: int | None = None) -> dict[str, Any]:
     """Invert the selected captures of a checkpoint and write ``out/reconstructed_images/`` (PNGs and
     grids), ``out/reconstructions.safetensors`` and ``out/metrics.json`` (written last).
 
@@ -335,6 +360,7 @@ def run_inversion(checkpoint: Path, out: Path, *, round_: int | None = None, cli
     optimisation (:func:`invert_batch`); the others, and those the vectorised path cannot take,
     one by one (:func:`invert_one`, the reference); each capture's ``batch`` record says which and
     why. One progress bar counts the captures of the whole command (best PSNR so far as postfix).
+    ``max_captures`` inverts only that many of the selected captures (:func:`prioritised`).
 
     ``out`` is write-locked for the command (:func:`flsec.lock.locked_dir`): a second process
     inverting into the same directory is refused. Each finished capture is cached in ``out/parts/``
@@ -345,10 +371,12 @@ def run_inversion(checkpoint: Path, out: Path, *, round_: int | None = None, cli
     settings = settings or InversionSettings()
     if batch_captures < 1:
         raise ConfigError(f"--batch-captures: must be >= 1, got {batch_captures}")
+    if max_captures is not None and max_captures < 1:
+        raise ConfigError(f"--max-captures: must be >= 1, got {max_captures}")
     METHODS.get(method)
     ckpt = load_checkpoint(checkpoint)
     device = device or resolve_device(ckpt.config.runtime.device)
-    targets = select_targets(ckpt, round_, client, kind, every)
+    targets = select_targets(ckpt, round_, client, kind, every, max_captures)
     with locked_dir(out):
         finished = _invert_targets(ckpt, targets, out, method, settings, device, batch_captures)
         return _write_outputs(checkpoint, out, method, settings, device, targets, finished, batch_captures)

@@ -80,10 +80,26 @@ def _setting(ckpt: Checkpoint) -> list[list[Any]]:
     ]
 
 
+def _detection_note(history: list[dict[str, Any]]) -> str | None:
+    """What the server's suspect detector decided over the run, scored against the true attackers."""
+    rounds = [h for h in history if isinstance(h.get("suspects"), list)]
+    if not rounds:
+        return None
+    flagged = sum(len(h["suspects"]) for h in rounds)
+    hits = sum(len(set(h["suspects"]) & set(h.get("attackers") or [])) for h in rounds)
+    attacks = sum(len(h.get("attackers") or []) for h in rounds)
+    precision = f"{100 * hits / flagged:.0f}%" if flagged else "n/a"
+    recall = f"{100 * hits / attacks:.0f}%" if attacks else "n/a"
+    return (f"Suspects ({rounds[-1].get('detector')} detector, from the updates alone): {flagged} flagged in "
+            f"{len(rounds)} rounds; precision {precision}, recall {recall} against the true attackers of each round "
+            "(evaluation only).")
+
+
 def _training_notes(history: list[dict[str, Any]]) -> list[str]:
-    """What the per-round records say beyond the curves: the backdoor's durability after the attack
-    stopped (:func:`flsec.attacks.durability.durability`) and the ASR of each DBA trigger part."""
-    notes = []
+    """What the per-round records say beyond the curves: the server's suspects, the backdoor's
+    durability after the attack stopped (:func:`flsec.attacks.durability.durability`) and the ASR of
+    each DBA trigger part."""
+    notes = [n for n in [_detection_note(history)] if n]
     d = durability(history)
     if d["last_attack_round"] is not None and d["asr_after"]:
         life = (f"at least {d['lifespan']} round(s), until the run ended" if d["censored"]
@@ -166,18 +182,27 @@ def _unlearning(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
     trig = _trigger_figure(run_dir, cfg)
     if trig is not None:
         out["figures"].append(trig)
-    rows = [("before", _get(u, "before", path, dict)), ("after unlearning", _get(u, "after", path, dict))]
+    rows = [("before", _get(u, "before", path, dict)),
+            (f"after unlearning ({u.get('carriers', 'reconstructions')} carriers)", _get(u, "after", path, dict))]
+    if isinstance(u.get("baseline_neural_cleanse"), dict):
+        rows.append((f"Neural Cleanse on the model alone ({u['baseline_neural_cleanse'].get('carriers')} carriers)",
+                     u["baseline_neural_cleanse"]))
     if isinstance(u.get("baseline_finetune"), dict):
-        rows.append((f"fine-tune on {u['baseline_finetune'].get('clean_images')} clean", u["baseline_finetune"]))
+        rows.append((f"fine-tune on {u['baseline_finetune'].get('clean_images')} clean root images",
+                     u["baseline_finetune"]))
+    if isinstance(u.get("baseline_retrain_suspects"), dict):
+        rows.append((f"retrain without the inverted suspects {u['baseline_retrain_suspects'].get('excluded')}",
+                     u["baseline_retrain_suspects"]))
     if isinstance(u.get("baseline_retrain"), dict):
-        rows.append(("retrain w/o attackers", u["baseline_retrain"]))
+        rows.append(("retrain without the attackers (oracle)", u["baseline_retrain"]))
     numeric = [(n, {k: m.get(k) if isinstance(m.get(k), int | float) else math.nan for k in ("ma", "asr")})
                for n, m in rows]
     out["figures"].append(_figure(plots.before_after_plot(numeric), "MA and ASR before and after"))
     out["rows"] = [[n, _pct(m.get("ma")), _pct(m.get("asr"))] for n, m in rows]
     s = u.get("settings") if isinstance(u.get("settings"), dict) else {}
     out["notes"].append(f"The defender holds {u.get('defender_holds')}. Unlearning: {s.get('steps')} steps, batch "
-                        f"{s.get('batch_size')}, lr {s.get('lr')}; baselines use the same budget.")
+                        f"{s.get('batch_size')}, lr {s.get('lr')}, distillation weight {s.get('retention_weight')}; "
+                        "the baselines use the same steps.")
     return out
 
 

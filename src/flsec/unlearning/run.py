@@ -1,13 +1,12 @@
-"""``flsec unlearn``: verification, corrective unlearning, baselines and the repaired checkpoint.
+"""``flsec unlearn``: verification, corrective unlearning on carriers, baselines and the repaired checkpoint.
 
-What the defender is assumed to hold: the global model of the checkpoint and the reconstructions
-written by ``flsec invert`` (images and inferred labels), i.e. what was leaked by the updates it
-inverted. Nothing else: no clean data, no knowledge of the attackers, the target class or the
-trigger. ``metrics.json`` states it exactly under ``defender_holds`` (which clients' updates of
-which rounds, how many reconstructions, the estimated trigger, clean images: 0). The
-*evaluation* (MA, ASR, mask IoU) uses the test set and the true trigger, which the defender never
-sees. The plain fine-tuning baseline is given as many real clean images as there are
-reconstructions.
+What the defender holds: the global model of the checkpoint, the reconstructions written by ``flsec
+invert`` (images and inferred labels: what the updates it inverted leaked, and whose updates those
+were, which the server chose itself under ``capture.clients = "suspects"``) and, with ``carriers =
+"root"``, a clean root set of ``unlearning.root_size`` images (FLTrust's assumption). Nothing else:
+no knowledge of the attackers, the target class or the trigger. ``metrics.json`` states it exactly
+under ``defender_holdings``. The *evaluation* (MA, ASR, mask IoU, the retraining baseline without
+the true attackers) uses the test set and the ground truth, which no decision of this phase reads.
 
 Every output is checked: reconstructions must be finite images in [0, 1] and the repaired weights
 finite, or nothing is written.
@@ -27,7 +26,7 @@ import torch
 
 from flsec.config import ExperimentConfig, UnlearningConfig
 from flsec.errors import FlsecError
-from flsec.fl.checkpoint import RunWriter, load_checkpoint
+from flsec.fl.checkpoint import Checkpoint, RunWriter, load_checkpoint
 from flsec.fl.federation import Federation
 from flsec.inversion.images import save_grid
 from flsec.inversion.reconstructions import read_reconstructions
@@ -35,9 +34,11 @@ from flsec.inversion.records import finite, write_strict_json
 from flsec.io import write_tensors
 from flsec.lock import locked_dir
 from flsec.runtime import resolve_device
+from flsec.unlearning.carriers import Carriers, build_carriers, root_set
 from flsec.unlearning.finetune import FinetuneSettings, corrective_unlearning, plain_finetune
 from flsec.unlearning.reverse import ReverseSettings, neural_cleanse
-from flsec.unlearning.verify import TriggerEstimate, mask_iou, verify
+from flsec.unlearning.trigger import estimate_backdoor
+from flsec.unlearning.verify import TriggerEstimate, mask_iou
 
 
 def settings_from(cfg: UnlearningConfig, seed: int, progress: bool) -> FinetuneSettings:
@@ -56,8 +57,25 @@ def require_finite(model: torch.nn.Module, what: str) -> None:
                          "lower unlearning.lr or check the reconstructions")
 
 
-def defender_holdings(images: Path, sources: torch.Tensor, n: int, estimate: TriggerEstimate | None) -> dict[str, Any]:
-    """Exactly what phase 3 used: whose updates of which rounds were inverted, into how many images."""
+def _choice(config: ExperimentConfig) -> str:
+    """How the inverted captures were chosen, in words."""
+    cap = config.capture
+    if cap.clients == "suspects":
+        return (f"chosen by the server: the clients its {config.detection.detector} detector suspected"
+                + (f", the {config.inversion.max_captures} most suspicious captures" if config.inversion.max_captures
+                   else ""))
+    if cap.clients == "malicious":
+        return "chosen with the ground truth of who attacked (the cooperative capture's setting)"
+    if cap.clients == "all":
+        return "every client's captures"
+    return f"the clients the user listed (capture.clients = {list(cap.clients)})"
+
+
+def defender_holdings(config: ExperimentConfig, images: Path, sources: torch.Tensor, n: int,
+                      carriers: Carriers, estimate: TriggerEstimate | None, trigger_source: str | None
+                      ) -> dict[str, Any]:
+    """Exactly what phase 3 used: whose updates of which rounds were inverted (and why those), into
+    how many images, the carriers and how many clean images they hold."""
     captures: dict[tuple[int, int], int] = {}
     for r, c, _ in sources.tolist():
         captures[(int(r), int(c))] = captures.get((int(r), int(c)), 0) + 1
@@ -68,15 +86,23 @@ def defender_holdings(images: Path, sources: torch.Tensor, n: int, estimate: Tri
         for t in inv.get("targets", []):
             if (t.get("round"), t.get("client")) == (r, c) and t.get("status", "ok") == "ok":
                 row.update({"kind": t.get("kind"), "images_in_update": t.get("num_samples", t.get("true_images")),
-                            "surrogate": bool(t.get("surrogate", False))})
+                            "surrogate": bool(t.get("surrogate", False)), "suspicion": t.get("suspicion")})
         listed.append(row)
+    clean = carriers.clean_images
+    suspects = sorted({row["client"] for row in listed})
     return {"model": "the global model of the checkpoint",
             "captures": listed,
+            "captures_chosen": _choice(config),
+            "inverted_clients": suspects,
             "reconstructions": n,
-            "estimated_trigger": None if estimate is None else {"mask_pixels": int(estimate.mask.sum())},
-            "clean_images": 0,
-            "summary": f"the global model and {n} reconstructions from {len(listed)} inverted capture(s); "
-                       "no clean data, no knowledge of attackers, target or trigger"}
+            "carriers": {"kind": carriers.kind, "images": len(carriers.images), "how": carriers.how,
+                         **carriers.details},
+            "estimated_trigger": None if estimate is None else {"mask_pixels": int(estimate.mask.sum()),
+                                                                "source": trigger_source},
+            "clean_images": clean,
+            "summary": (f"the global model, {n} reconstructions from {len(listed)} inverted update(s) of client(s) "
+                        f"{suspects} ({_choice(config)}) and {clean} clean images; carriers: {carriers.how}; no "
+                        "knowledge of attackers, target or trigger")}
 
 
 def _inversion_metrics(images: Path) -> dict[str, Any]:
@@ -91,76 +117,48 @@ def _inversion_metrics(images: Path) -> dict[str, Any]:
     return {}
 
 
-def estimate_trigger(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int, source: str,
-                     seed: int) -> tuple[TriggerEstimate | None, dict[str, Any]]:
-    """The trigger estimate and the verification report. ``source``: ``verification`` (what the
-    reconstructions show, :func:`~flsec.unlearning.verify.verify`), ``reverse`` (Neural Cleanse on
-    the reconstructions as carriers, :mod:`flsec.unlearning.reverse`) or ``auto`` (verification,
-    then reverse engineering when the reconstructions are too poor to show a trigger)."""
-    report: dict[str, Any] = {}
-    est = None
-    if source in ("auto", "verification"):
-        ver = verify(model, x, y)
-        est, report = ver.estimate, {**ver.report, "trigger_source": "verification"}
-    if est is None and source in ("auto", "reverse"):
-        nc = neural_cleanse(model, x, num_classes, ReverseSettings(seed=seed))
-        report = {**report, "reverse_engineering": nc.report}
-        if nc.estimate is not None:
-            est = nc.estimate
-            report.update({"trigger_source": "neural_cleanse", "suspected_target": nc.target,
-                           "backdoor_found": True, "suspects": None, "mask_pixels": int(est.mask.sum()),
-                           "suspects_predicted_target_trigger_removed": None,
-                           "clean_reconstructions_flipped_by_estimated_trigger": _flip_rate(model, x, est, nc.target)})
-        else:
-            report.setdefault("reason", nc.report["reason"])
-    report.setdefault("reconstructions", len(x))
-    return est, report
-
-
-def _flip_rate(model: torch.nn.Module, x: torch.Tensor, est: TriggerEstimate, target: int) -> float | None:
-    from flsec.fl.evaluate import predict
-
-    others = x[predict(model, x) != target]
-    if len(others) == 0:
-        return None
-    return float((predict(model, est.to(x.device).stamp(others)) == target).float().mean())
-
-
 def run_unlearning(checkpoint: Path, images: Path, out: Path, settings: FinetuneSettings | None = None,
                    baselines: bool = True, progress: bool = True, device: torch.device | None = None,
-                   retrain: bool = True, trigger_source: str | None = None) -> dict[str, Any]:
-    """Phase 3: verify the backdoor on the reconstructions in ``images``, estimate its trigger, fine-tune
-    it out of the checkpoint's global model and measure MA / ASR before and after (and the baselines).
-    Writes the repaired checkpoint to ``out/checkpoint`` and ``out/metrics.json`` last (the phase's
-    completion mark); ``out`` is held under its write lock, so a second process writing it is refused."""
+                   retrain: bool = True, trigger_source: str | None = None, carriers: str | None = None
+                   ) -> dict[str, Any]:
+    """Phase 3: verify the backdoor on the reconstructions in ``images``, estimate its target and
+    trigger, unlearn it from the checkpoint's global model on the carriers (``carriers`` or the
+    config's), and measure MA / ASR before and after (and the baselines). Writes the repaired
+    checkpoint to ``out/checkpoint`` and ``out/metrics.json`` last (the phase's completion mark);
+    ``out`` is held under its write lock, so a second process writing it is refused."""
     with locked_dir(Path(out)):
         return _run_unlearning(checkpoint, images, Path(out), settings, baselines, progress, device, retrain,
-                               trigger_source)
+                               trigger_source, carriers)
 
 
 def _run_unlearning(checkpoint: Path, images: Path, out: Path, settings: FinetuneSettings | None, baselines: bool,
-                    progress: bool, device: torch.device | None, retrain: bool,
-                    trigger_source: str | None) -> dict[str, Any]:
+                    progress: bool, device: torch.device | None, retrain: bool, trigger_source: str | None,
+                    carrier_kind: str | None) -> dict[str, Any]:
     ckpt = load_checkpoint(checkpoint)
-    device = device or resolve_device(ckpt.config.runtime.device)
-    settings = settings or settings_from(ckpt.config.unlearning, ckpt.config.seed, progress)
+    cfg = ckpt.config
+    device = device or resolve_device(cfg.runtime.device)
+    settings = settings or settings_from(cfg.unlearning, cfg.seed, progress)
     spec = ckpt.input_spec()
     rec = read_reconstructions(Path(images), (spec.channels, spec.height, spec.width), spec.num_classes)
     x, y = rec["images"], rec["labels"]
     model = ckpt.build_model().to(device)
-    fed = Federation.from_config(ckpt.config)  # evaluation only (test set, true trigger)
+    carriers = build_carriers(carrier_kind or cfg.carriers, cfg, model, x, y, progress)
+    fed = Federation.from_config(cfg)  # evaluation only (test set, true trigger)
 
-    source = trigger_source or ckpt.config.unlearning.trigger_source
-    est, ver_report = estimate_trigger(model, x.to(device), y.to(device), spec.num_classes, source, settings.seed)
-    holdings = defender_holdings(Path(images), rec["sources"], len(x), est)
+    source = trigger_source or cfg.unlearning.trigger_source
+    reverse = ReverseSettings(steps=cfg.unlearning.reverse_steps, seed=settings.seed)
+    est, ver_report = estimate_backdoor(model, x.to(device), y.to(device), carriers.images.to(device),
+                                        spec.num_classes, source, reverse)
+    holdings = defender_holdings(cfg, Path(images), rec["sources"], len(x), carriers, est,
+                                 ver_report.get("trigger_source"))
     result: dict[str, Any] = {"checkpoint": str(checkpoint), "images": str(images), "verification": ver_report,
-                              "settings": asdict(settings), "device": str(device),
+                              "settings": asdict(settings), "device": str(device), "carriers": carriers.kind,
                               "defender_holds": holdings["summary"], "defender_holdings": holdings}
     before = _cpu_eval(fed, model)
     result["before"] = before
-    result["verification"]["true_target"] = ckpt.config.attack.target_label
+    result["verification"]["true_target"] = cfg.attack.target_label
     if est is None:
-        # Nothing to unlearn from these reconstructions: the model is kept as it is.
+        # Nothing to unlearn: the model is kept as it is.
         result["verification"]["mask_iou_with_true_trigger"] = None
         result["verification"]["mask_iou_status"] = "no trigger estimated"
         result["after"] = before
@@ -171,23 +169,17 @@ def _run_unlearning(checkpoint: Path, images: Path, out: Path, settings: Finetun
         result["verification"]["mask_iou_with_true_trigger"] = iou if math.isfinite(iou) else None
         result["verification"]["mask_iou_status"] = "ok" if math.isfinite(iou) else "empty masks"
         result["unlearned"] = True
-        repaired = corrective_unlearning(model, x.to(device), est, settings)
+        repaired = corrective_unlearning(model, carriers.images.to(device), est, settings)
         require_finite(repaired, "unlearning")
         result["after"] = _cpu_eval(fed, repaired)
 
     if baselines:
-        n = len(x)
-        g = torch.Generator().manual_seed(settings.seed)
-        idx = torch.randperm(len(fed.data.y_train), generator=g)[:n]
-        tuned = plain_finetune(model, fed.data.x_train[idx].to(device), fed.data.y_train[idx].to(device),
-                               replace(settings, progress=progress))
-        result["baseline_finetune"] = {**_cpu_eval(fed, tuned), "clean_images": n}
-        if retrain:
-            result["baseline_retrain"] = _retrain_without_attackers(ckpt.config, fed, progress)
+        result.update(_baselines(ckpt, fed, model, carriers, settings, reverse, device, progress, retrain,
+                                 holdings["inverted_clients"]))
 
     if est is not None:
         _save_trigger(est, x, out, fed)
-    writer = RunWriter(out / "checkpoint", ckpt.config)
+    writer = RunWriter(out / "checkpoint", cfg)
     history = [*ckpt.history, {"round": ckpt.round, "phase": "unlearning", **finite(result["after"])}]
     writer.commit_round(ckpt.round, copy.deepcopy(repaired).cpu(), {}, history,
                         {"input_spec": ckpt.meta["input_spec"], "malicious_ids": ckpt.meta.get("malicious_ids", []),
@@ -196,6 +188,39 @@ def _run_unlearning(checkpoint: Path, images: Path, out: Path, settings: Finetun
                         complete=True)
     write_strict_json(out / "metrics.json", result)
     return finite(result)
+
+
+def _baselines(ckpt: Checkpoint, fed: Federation, model: torch.nn.Module, carriers: Carriers,
+               settings: FinetuneSettings, reverse: ReverseSettings, device: torch.device, progress: bool,
+               retrain: bool, suspects: list[int]) -> dict[str, Any]:
+    """What the reconstructions add, measured: Neural Cleanse on the model alone (all classes, on
+    carriers that owe nothing to the reconstructions), plain fine-tuning on the clean root set, and
+    retraining without the inverted suspects and without the true attackers (evaluation only)."""
+    cfg = ckpt.config
+    out: dict[str, Any] = {}
+    alone = carriers if carriers.kind != "reconstructions" else build_carriers("synthetic", cfg, model,
+                                                                              carriers.images, carriers.labels)
+    nc = neural_cleanse(model, alone.images.to(device), ckpt.input_spec().num_classes, reverse)
+    row: dict[str, Any] = {"carriers": alone.kind, "found": nc.estimate is not None, "suspected_target": nc.target}
+    if nc.estimate is not None:
+        tuned = corrective_unlearning(model, alone.images.to(device), nc.estimate, settings)
+        row.update({**_cpu_eval(fed, tuned), "mask_iou_with_true_trigger": _iou(nc.estimate, fed)})
+    else:
+        row.update({**_cpu_eval(fed, model), "note": "no trigger found; model unchanged"})
+    out["baseline_neural_cleanse"] = row
+    rx, ry = root_set(cfg, cfg.unlearning.root_size)
+    tuned = plain_finetune(model, rx.to(device), ry.to(device), replace(settings, progress=progress))
+    out["baseline_finetune"] = {**_cpu_eval(fed, tuned), "clean_images": len(ry)}
+    if retrain:
+        out["baseline_retrain_suspects"] = {**_retrain_without(cfg, fed, suspects, progress), "excluded": suspects}
+        attackers = sorted(fed.malicious)  # evaluation only: the oracle baseline
+        out["baseline_retrain"] = {**_retrain_without(cfg, fed, attackers, progress), "excluded": attackers}
+    return out
+
+
+def _iou(est: TriggerEstimate, fed: Federation) -> float | None:
+    v = mask_iou(est.mask.cpu(), fed.trigger.mask)
+    return v if math.isfinite(v) else None
 
 
 def _save_trigger(est: TriggerEstimate, x: torch.Tensor, out: Path, fed: Federation) -> None:
@@ -209,15 +234,17 @@ def _save_trigger(est: TriggerEstimate, x: torch.Tensor, out: Path, fed: Federat
                    "heatmap": est.heatmap})
 
 
-def _retrain_without_attackers(config: ExperimentConfig, fed: Federation, progress: bool) -> dict[str, Any]:
-    """Baseline: the same federation and rounds with the attackers' participation removed; scored by
-    ``fed`` (the original federation), so ASR uses the original trigger and target."""
+def _retrain_without(config: ExperimentConfig, fed: Federation, excluded: list[int], progress: bool) -> dict[str, Any]:
+    """Baseline: the same federation and rounds with the ``excluded`` clients never taking part (the
+    others, attackers among them, behave as before); scored by ``fed`` (the original federation), so
+    ASR uses the original trigger and target."""
     from flsec.fl.server import train
 
     data = copy.deepcopy(config.model_dump(mode="json"))
-    data["attack"] = {**data["attack"], "kind": "none", "num_malicious": 0, "malicious_ids": None}
+    n = config.training.num_clients
+    keep = [c for c in excluded if 0 <= c < n][: n - 1]
+    data["training"] = {**data["training"], "exclude_clients": keep}
     data["capture"] = {**data["capture"], "updates": False, "gradient_batch_sizes": [], "clients": []}
-    data["aggregation"] = {**data["aggregation"], "f": 0}
     clean_cfg = type(config).model_validate(data)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = train(clean_cfg, Path(tmp) / "retrain", progress=progress)
