@@ -299,7 +299,8 @@ class SyntheticCarriersConfig(_Section):
     lr: float = Field(0.05, gt=0, description="Adam step size on the images' logits")
     tv_weight: float = Field(0.1, ge=0, description="weight of the total-variation prior (per-pixel mean)")
     l2_weight: float = Field(0.1, ge=0, description="weight of the L2 (image energy) prior (per-pixel mean)")
-    jitter: int = Field(2, ge=0, description="random translation in pixels at each step (DeepInversion's jitter)")
+    jitter: int | None = Field(None, ge=0, description="random translation in pixels at each step (DeepInversion's "
+                                                       "jitter); default one pixel per 14 of the image side")
     bn_weight: float = Field(0.01, ge=0, description="weight of batch-norm feature-statistics matching (models with "
                                                      "BatchNorm running statistics only)")
 
