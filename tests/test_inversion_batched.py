@@ -26,7 +26,7 @@ FAST = InversionSettings(iterations=10, max_images=4, progress=False)
 @pytest.fixture(scope="module")
 def two_rounds(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Batch-1 gradients of clients 0 and 1 in rounds 3 and 4 (two different global models)."""
-    from flsec.fl.server import train
+    from flsec.fl.engines import train
     from tests.conftest import small_config
 
     run = tmp_path_factory.mktemp("runs") / "two_rounds"

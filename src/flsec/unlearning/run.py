@@ -212,7 +212,7 @@ def _save_trigger(est: TriggerEstimate, x: torch.Tensor, out: Path, fed: Federat
 def _retrain_without_attackers(config: ExperimentConfig, fed: Federation, progress: bool) -> dict[str, Any]:
     """Baseline: the same federation and rounds with the attackers' participation removed; scored by
     ``fed`` (the original federation), so ASR uses the original trigger and target."""
-    from flsec.fl.server import train
+    from flsec.fl.engines import train
 
     data = copy.deepcopy(config.model_dump(mode="json"))
     data["attack"] = {**data["attack"], "kind": "none", "num_malicious": 0, "malicious_ids": None}
