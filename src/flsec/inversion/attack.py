@@ -194,8 +194,8 @@ def invert_batch(ckpt: Checkpoint, targets: list[Target], method: str, settings:
                  on_iteration: Callable[[int], None] | None = None
                  ) -> tuple[list[dict[str, Any]], dict[Target, str]]:
     """Reconstruct several gradient captures in one vectorised optimisation
-    (:func:`flsec.inversion.batched.geiping_batched`; same results as :func:`invert_one` on each,
-    up to float rounding).
+    (:func:`flsec.inversion.batched.geiping_batched`: each step is :func:`invert_one`'s step up to float
+    rounding; the labels, statuses and iteration counts are the same, the pixels need not be).
 
     Returns the finished results (in the order of ``targets``) and, for the captures that cannot
     join the batch, the reason (:func:`~flsec.inversion.batched.batch_blocker`): the caller inverts
