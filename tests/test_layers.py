@@ -13,6 +13,7 @@ implicit step is not an edge, because a package assembling its own parts is not 
 from __future__ import annotations
 
 import ast
+import itertools
 import subprocess
 import sys
 from pathlib import Path
@@ -126,7 +127,7 @@ def _circle_in(graph: dict[str, dict[str, int]], component: list[str]) -> list[s
 
 def describe(graph: dict[str, dict[str, int]], circle: list[str]) -> str:
     mods = modules()
-    steps = [f"{a} ({mods[a].relative_to(SRC)}:{graph[a][b]})" for a, b in zip(circle, circle[1:], strict=False)]
+    steps = [f"{a} ({mods[a].relative_to(SRC)}:{graph[a][b]})" for a, b in itertools.pairwise(circle)]
     return " -> ".join([*steps, circle[-1]])
 
 
