@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from flsec.config import load_config
-from flsec.fl.server import train
+from flsec.fl.engines import train
 from flsec.io import write_json, write_text
 from provenance import default_data_dir, git_commit
 

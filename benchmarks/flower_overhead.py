@@ -34,7 +34,8 @@ from typing import Any
 import torch
 
 from flsec.config import load_config
-from flsec.fl.server import Server, train
+from flsec.fl.engines import train
+from flsec.fl.server import Server
 from flsec.io import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import torch
 
 from flsec.config import load_config
 from flsec.fl.checkpoint import Checkpoint, load_checkpoint
-from flsec.fl.server import train
+from flsec.fl.engines import train
 from flsec.inversion.attack import Target, invert_one
 from flsec.inversion.methods import InversionSettings
 from flsec.io import write_json, write_text

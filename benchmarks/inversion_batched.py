@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from flsec.config import load_config
-from flsec.fl.server import train
+from flsec.fl.engines import train
 from flsec.inversion.attack import run_inversion
 from flsec.inversion.methods import InversionSettings
 from flsec.io import write_json, write_text

@@ -197,7 +197,7 @@ def main() -> None:
     spec = InputSpec(1, 28, 28, 10, data.mean, data.std)
     late_path = Path(args.late_checkpoint)
     if not (late_path / "meta.json").is_file():
-        from flsec.fl.server import train
+        from flsec.fl.engines import train
 
         cfg = load_config(ROOT / "configs" / "mnist_realistic.toml", [f'data.data_dir="{args.data_dir}"'])
         train(cfg, late_path, progress=False)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from flsec.config import load_config
-from flsec.fl.server import train
+from flsec.fl.engines import train
 from flsec.io import write_json, write_text
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -35,7 +35,7 @@ def small_config(**sections: dict) -> ExperimentConfig:
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One small backdoored digits run shared by the read-only tests."""
-    from flsec.fl.server import train
+    from flsec.fl.engines import train
 
     out = tmp_path_factory.mktemp("runs") / "digits"
     train(small_config(), out, progress=False)

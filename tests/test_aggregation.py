@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 
 from flsec.aggregation import AGGREGATORS, AggregationContext, AggregationError, AggregatorParams, build_aggregator
 from flsec.errors import ConfigError
+from flsec.fl.engines import train
 from flsec.fl.federation import Federation
-from flsec.fl.server import Server, train
+from flsec.fl.server import Server
 from tests.conftest import small_config
 
 RULES = ["fedavg", "krum", "multi_krum", "trimmed_mean", "median", "foolsgold", "fl_defender", "bulyan",

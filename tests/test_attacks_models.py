@@ -14,8 +14,9 @@ from flsec.attacks.durability import durability
 from flsec.attacks.edge_case import rarity_scores, select_tail
 from flsec.attacks.neurotoxin import neurotoxin_mask
 from flsec.attacks.pgd import project_l2, project_linf
+from flsec.fl.engines import train
 from flsec.fl.rounds import ClientTask, run_client
-from flsec.fl.server import Server, train
+from flsec.fl.server import Server
 from tests.conftest import small_config
 
 # --- numpy transcriptions of the papers' pseudo-code -------------------------------------------

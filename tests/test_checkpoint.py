@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from flsec.errors import CheckpointError
 from flsec.fl.checkpoint import load_checkpoint, manifest_digest
-from flsec.fl.server import train
+from flsec.fl.engines import train
 from flsec.io import sha256_file, write_json, write_tensors
 from flsec.lock import locked_dir
 

@@ -69,14 +69,25 @@ def _snapshot(run: Path) -> dict[str, object]:
             "model": (run / "model.safetensors").read_bytes()}
 
 
+@pytest.mark.crash
 def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    _kill_resume_compare(tmp_path, KILLS)
+
+
+def test_sigkill_mid_commit_then_resume_is_bit_identical(tmp_path: Path) -> None:
+    """The campaign's two most telling kills (a round's files written but not committed; a round computed
+    but nothing of it written), quick enough for every `make test`."""
+    _kill_resume_compare(tmp_path, ["commit:history:2", "round:before_commit:1"])
+
+
+def _kill_resume_compare(tmp_path: Path, kills: list[str]) -> None:
     config = tmp_path / "c.toml"
     config.write_text(CONFIG)
     ref = _train(config, tmp_path / "ref", None, resume=False)
     assert ref.returncode == 0, ref.stderr
 
     out = tmp_path / "killed"
-    for i, fault in enumerate(KILLS):
+    for i, fault in enumerate(kills):
         proc = _train(config, out, fault, resume=i > 0)
         assert proc.returncode == -9, (fault, proc.returncode, proc.stderr[-2000:])
     final = _train(config, out, None, resume=True)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 from safetensors import safe_open
 
 from flsec.fl.checkpoint import load_checkpoint
@@ -95,6 +96,7 @@ def _kill_then_finish(args: list[str], kills: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.crash
 def test_invert_all_killed_anywhere_then_rerun_gives_the_same_reconstructions(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text(CONFIG)
@@ -119,6 +121,7 @@ def test_invert_all_killed_anywhere_then_rerun_gives_the_same_reconstructions(tm
     assert _inversion_result(out, out) == _inversion_result(tmp_path / "ref", tmp_path / "ref")
 
 
+@pytest.mark.crash
 def test_flsec_run_killed_in_every_phase_then_resumed_gives_the_same_results(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
     config.write_text(CONFIG)

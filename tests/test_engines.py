@@ -11,10 +11,10 @@ from torch import nn
 
 from flsec.errors import ConfigError
 from flsec.fl.client import LocalSpec, TrainingHooks, client_batches, local_train_on
-from flsec.fl.engines import CLIENT_ENGINES, choose_engine
+from flsec.fl.engines import CLIENT_ENGINES, choose_engine, train
 from flsec.fl.federation import Federation
 from flsec.fl.params import get_flat, set_flat
-from flsec.fl.server import Server, train
+from flsec.fl.server import Server
 from flsec.fl.vectorised import train_clients, unsupported_reason
 from tests.conftest import small_config
 

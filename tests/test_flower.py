@@ -20,8 +20,9 @@ from flwr.client import NumPyClient
 from flsec.aggregation import AggregatorParams, build_aggregator
 from flsec.attacks.backdoor import make_trigger, num_poisoned, stamp
 from flsec.config import TriggerConfig, load_config
+from flsec.fl.engines import train
 from flsec.fl.rounds import ClientTask, run_client
-from flsec.fl.server import Server, train
+from flsec.fl.server import Server
 from flsec.flower import RobustStrategy, attacker, client_train
 from flsec.flower.codec import decode_reply, decode_task, encode_reply, encode_task, global_record
 from flsec.flower.engine import FlowerRunError, collect_replies

@@ -51,7 +51,7 @@ def test_flower_engine_without_flwr_says_how_to_install(tmp_path: Path) -> None:
     code = ("import sys; sys.modules['flwr'] = None\n"
             "from pathlib import Path\n"
             "from flsec.errors import FlsecError\n"
-            "from flsec.fl.server import train\n"
+            "from flsec.fl.engines import train\n"
             "from tests.conftest import small_config\n"
             "try:\n"
             f"    train(small_config(runtime={{'engine': 'flower'}}), Path({str(tmp_path / 'r')!r}), progress=False)\n"

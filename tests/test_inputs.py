@@ -11,7 +11,8 @@ import pytest
 from flsec.data.datasets import load_dataset
 from flsec.errors import DataError, FlsecError
 from flsec.fl.checkpoint import load_checkpoint
-from flsec.fl.server import TrainingDivergedError, train
+from flsec.fl.engines import train
+from flsec.fl.server import TrainingDivergedError
 
 from .conftest import small_config
 

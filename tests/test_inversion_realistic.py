@@ -181,7 +181,7 @@ def test_invert_cli_reports_surrogate_and_strict_json(trained_run: Path, tmp_pat
 
 @pytest.fixture(scope="module")
 def four_captures(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from flsec.fl.server import train
+    from flsec.fl.engines import train
     from tests.conftest import small_config
 
     run = tmp_path_factory.mktemp("runs") / "four"

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from flsec.config import build_config
 from flsec.errors import ConfigError
 from flsec.fl.checkpoint import load_checkpoint, read_tensor_metadata, read_tensors
+from flsec.fl.engines import train
 from flsec.fl.federation import Federation, take_root_data
-from flsec.fl.server import train
 from flsec.inversion.attack import Target, prioritised, run_inversion, select_targets
 from flsec.io import sha256_file, write_json, write_tensors
 from flsec.pipeline import inversion_settings

@@ -10,7 +10,7 @@ import pytest
 
 from flsec.aggregation import AGGREGATORS
 from flsec.errors import FlsecError
-from flsec.fl.server import train
+from flsec.fl.engines import train
 from flsec.report.html import _defense, write_report
 from tests.conftest import small_config
 

@@ -9,9 +9,10 @@ import torch
 
 from flsec.fl.checkpoint import load_checkpoint
 from flsec.fl.client import local_train
+from flsec.fl.engines import train
 from flsec.fl.params import generator
 from flsec.fl.rounds import LOCAL, run_client
-from flsec.fl.server import Server, train
+from flsec.fl.server import Server
 from tests.conftest import small_config
 
 

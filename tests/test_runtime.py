@@ -17,9 +17,10 @@ from flsec.cli import _with_device
 from flsec.config import RuntimeConfig, load_config
 from flsec.errors import ConfigError
 from flsec.fl.checkpoint import load_checkpoint
+from flsec.fl.engines import train
 from flsec.fl.evaluate import backdoor_asr, label_flip_asr, main_accuracy
 from flsec.fl.federation import Federation
-from flsec.fl.server import Server, train
+from flsec.fl.server import Server
 from flsec.runtime import Runtime, autocast_dtype, resolve_device
 from tests.conftest import small_config
 

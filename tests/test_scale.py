@@ -11,8 +11,8 @@ import torch
 from flsec.data import DATASETS, ImageDataset
 from flsec.data.partition import dirichlet_partition, iid_partition
 from flsec.errors import ConfigError
+from flsec.fl.engines import train
 from flsec.fl.federation import Federation
-from flsec.fl.server import train
 from tests.conftest import small_config
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from flsec.config import SweepGrid, load_grid
 from flsec.errors import ConfigError
-from flsec.fl.server import train
+from flsec.fl.engines import train
 from flsec.sweep import expand, run_sweep
 from flsec.sweep.grid import apply_cell
 from flsec.sweep.runner import run_status, threads_per_job

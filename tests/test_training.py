@@ -8,7 +8,8 @@ import pytest
 
 from flsec.errors import CheckpointError
 from flsec.fl.checkpoint import load_checkpoint
-from flsec.fl.server import select_clients, train
+from flsec.fl.engines import train
+from flsec.fl.server import select_clients
 from tests.conftest import small_config
 
 

@@ -8,13 +8,20 @@ says what was kept and the exact command that continues, and exits with code 130
 from __future__ import annotations
 
 import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from flsec.errors import FlsecError
+
+try:  # Typer >= 0.2x vendors Click: its usage errors derive from TyperException
+    from typer import TyperException as UsageErrors
+except ImportError:  # pragma: no cover - older Typer on Click
+    from click import ClickException as UsageErrors
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Federated-learning security research: train under attack, invert, unlearn.")
@@ -63,8 +70,8 @@ def train(
 ) -> None:
     """Phase 1: federated training under attack; writes a checkpoint directory."""
     from flsec.config import load_config
+    from flsec.fl.engines import train as run_training
     from flsec.fl.server import fmt_rate
-    from flsec.fl.server import train as run_training
 
     cfg = load_config(config, _with_engine(_with_device(set_, device), engine))
     ckpt = run_training(cfg, out, resume=resume, progress=not quiet)
@@ -113,8 +120,8 @@ def invert(
     method: Annotated[str, typer.Option("--method", help="inversion method: geiping or dlg")] = "geiping",
     iterations: Annotated[int, typer.Option("--iterations", min=1, help="optimisation steps per restart")] = 2000,
     restarts: Annotated[int, typer.Option("--restarts", min=1, help="random restarts (best kept)")] = 1,
-    lr: Annotated[float, typer.Option("--lr", min=1e-12, help="step size")] = 0.1,
-    tv: Annotated[float, typer.Option("--tv", min=0.0, help="total-variation weight")] = 1e-4,
+    lr: Annotated[float, typer.Option("--lr", help="step size (> 0)")] = 0.1,
+    tv: Annotated[float, typer.Option("--tv", help="total-variation weight (>= 0)")] = 1e-4,
     seed: Annotated[int, typer.Option("--seed", help="seed of the random initialisations")] = 0,
     max_images: Annotated[int, typer.Option("--max-images", min=1, help="most images reconstructed from one "
                                             "update (a larger update is inverted into this many)")] = 16,
@@ -140,7 +147,8 @@ def invert(
                                      max_images=max_images, label_strategy=labels, boost_correction=boost)
     except ValueError as exc:
         flag = {"space": "--space", "init": "--init", "label_strategy": "--labels",
-                "boost_correction": "--boost-correction", "max_images": "--max-images"}
+                "boost_correction": "--boost-correction", "max_images": "--max-images", "lr": "--lr",
+                "tv_weight": "--tv", "iterations": "--iterations", "restarts": "--restarts"}
         name = str(exc).split(":", 1)[0]
         raise ConfigError(f"{flag.get(name, name)}:{str(exc).split(':', 1)[1]}") from None
     report = run_inversion(checkpoint, out, round_=round_, client=client, kind=target, method=method,
@@ -184,6 +192,7 @@ def unlearn(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
     """Phase 3: verify the backdoor from reconstructions, unlearn it, compare with baselines."""
+    import math
     from dataclasses import replace
 
     from flsec.errors import ConfigError
@@ -193,6 +202,8 @@ def unlearn(
 
     if carriers is not None and carriers not in CARRIERS:
         raise ConfigError(f"--carriers: unknown '{carriers}'; allowed: {', '.join(CARRIERS)}")
+    if lr is not None and not math.isfinite(lr):
+        raise ConfigError(f"--lr: must be a finite number > 0, got {lr}")
     cfg = load_checkpoint(checkpoint).config
     settings = settings_from(cfg.unlearning, cfg.seed, not quiet)
     settings = replace(settings, steps=steps or settings.steps, lr=lr or settings.lr)
@@ -333,13 +344,18 @@ def _option(argv: list[str], *names: str) -> str | None:
 def interrupted_message(argv: list[str], detail: str = "") -> str:
     """One line for Ctrl-C: what the interrupted command kept (``detail``: what the interrupted phase
     reported, e.g. how many inversion captures it finished), and the exact command that continues."""
+    return f"interrupted: {kept_message(argv, detail)}"
+
+
+def kept_message(argv: list[str], detail: str = "") -> str:
+    """What a command stopped part-way (Ctrl-C, a full disk) kept, and the exact command that continues."""
     command = next((a for a in argv if a in app_commands()), None)
     again = shlex.join(["flsec", *argv])
     resume = again if "--resume" in argv else f"{again} --resume"
     out = _option(argv, "--out", "-o")
     if command == "train" and out:
         kept = _committed_round(Path(out))
-        return f"interrupted: {kept} in {out}; continue with: {resume}"
+        return f"{kept} in {out}; continue with: {resume}"
     if command in ("run", "demo"):
         default = ("runs/demo-cooperative" if "--cooperative" in argv else "runs/demo") if command == "demo" else "runs/run"
         where = out or default
@@ -348,11 +364,11 @@ def interrupted_message(argv: list[str], detail: str = "") -> str:
                   if (Path(where) / f).is_file()]
         done = f"{kept}{'; finished: ' + ', '.join(phases) if phases else ''}; " + (
             detail or "finished inversion captures are cached")
-        return f"interrupted: {done} in {where}; continue with: {again if command == 'demo' else resume}"
+        return f"{done} in {where}; continue with: {again if command == 'demo' else resume}"
     if command == "invert":
         kept = detail or f"finished captures are kept in {out or 'inversion'}/parts"
-        return f"interrupted: {kept}; continue with: {again}"
-    return f"interrupted: nothing was written under a final name; start again with: {again}"
+        return f"{kept}; continue with: {again}"
+    return f"nothing was written under a final name; start again with: {again}"
 
 
 def _committed_round(run_dir: Path) -> str:
@@ -370,24 +386,43 @@ def app_commands() -> set[str]:
     return {c.name or c.callback.__name__ for c in app.registered_commands if c.callback is not None}
 
 
+def _take_ctrl_c() -> None:
+    """Make SIGINT raise KeyboardInterrupt even where the parent started flsec with it ignored (a
+    shell's ``flsec train ... &``): a Ctrl-C or ``kill -INT`` then stops at a safe point and says how
+    to continue, instead of being dropped."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def main() -> None:
     argv = sys.argv[1:]
+    _take_ctrl_c()
     try:
-        app()
+        code = app(standalone_mode=False)
     except FlsecError as exc:
         typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
         sys.exit(2)
+    except UsageErrors as exc:  # a bad option or argument, caught by Typer before any command ran
+        if type(exc).__name__ == "NoArgsIsHelpError":  # plain `flsec`: the help, as Typer shows it
+            exc.show()
+        else:
+            typer.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("error: aborted", err=True)
+        sys.exit(1)
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
-        typer.echo(f"error: {where}{exc.strerror or exc}", err=True)
+        writes = next((a for a in argv if a in app_commands()), None) not in ("check", "verify", None)
+        kept = f"; {kept_message(argv)}" if writes else ""
+        typer.echo(f"error: {where}{exc.strerror or exc}{kept}", err=True)
         sys.exit(1)
     except KeyboardInterrupt as exc:
         typer.echo(interrupted_message(argv, str(exc)), err=True)
         sys.exit(130)
-    except SystemExit as exc:
-        if exc.code == 130:  # Typer's own Ctrl-C handling: no flsec command exits 130 otherwise
-            typer.echo(interrupted_message(argv), err=True)
-        raise
+    if code == 130:  # Typer's own Ctrl-C handling: no flsec command exits 130 otherwise
+        typer.echo(interrupted_message(argv), err=True)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

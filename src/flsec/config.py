@@ -22,11 +22,11 @@ class _Section(BaseModel):
 
 
 def _registered(kind: str, name: str) -> str:
-    from flsec import plugins
+    from flsec.registry import known_names
 
-    registry = plugins.registry_for(kind)
-    if name not in registry:
-        raise ValueError(f"unknown {kind} '{name}'; allowed: {', '.join(registry.names())}")
+    names = known_names(kind)
+    if name not in names:
+        raise ValueError(f"unknown {kind} '{name}'; allowed: {', '.join(names)}")
     return name
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from flsec.faults import fault_point
 
@@ -74,7 +74,8 @@ def remove_temp_files(root: Path, owned_marker: str | None = None) -> list[Path]
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path in the same directory; rename it onto ``path`` on success."""
+    """Yield a temporary path in the same directory; rename it onto ``path`` on success. An
+    ``OSError`` that names no file (e.g. a full disk found by ``write``) is raised naming ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
@@ -87,6 +88,10 @@ def atomic_path(path: Path) -> Iterator[Path]:
         fault_point("atomic:before_rename")
         os.replace(tmp_path, path)
         fsync_dir(path.parent)
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -131,11 +136,13 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
     The metadata is stored as one sorted JSON string under the key ``flsec``: safetensors keeps its
     header's metadata in a hash map, so several keys would come out in a different order from run to
     run and identical content would give different bytes.
+
+    The bytes are built in memory and written by :func:`write_bytes`, so a failed write (a full disk)
+    is an ``OSError`` naming ``path``, like every other file flsec writes.
     """
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     header = {METADATA_KEY: json.dumps(metadata, sort_keys=True)} if metadata else None
-    with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=header)
+    write_bytes(path, safetensors_bytes(contiguous, metadata=header))
 
 
 def unpack_metadata(header: dict[str, str]) -> dict[str, str]:

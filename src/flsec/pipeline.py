@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from flsec.config import ExperimentConfig, InversionConfig
-from flsec.fl.server import train
+from flsec.fl.engines import train
 from flsec.inversion.attack import run_inversion
 from flsec.inversion.methods import InversionSettings
 from flsec.lock import locked_dir

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from flsec.aggregation.base import AggregationResult, Aggregator, normalise
+from flsec.aggregation.base import AggregationError, AggregationResult, Aggregator, normalise
 from flsec.aggregation.numerics import sorted_blocks
 from flsec.aggregation.registry import AGGREGATORS
 
@@ -46,6 +46,15 @@ class TrimmedMean(Aggregator):
 
     def min_updates(self) -> int:
         return 2 * max(self.beta, self.params.f) + 1
+
+    def check(self, k: int) -> None:
+        """An explicit ``trim_beta`` larger than f is what needs the updates: the error names it."""
+        beta = self.params.trim_beta
+        if beta is not None and beta > self.params.f and k <= 2 * beta:
+            raise AggregationError(
+                f"aggregation.trim_beta: {beta} needs more than 2 x {beta} = {2 * beta} updates per round, got {k}; "
+                f"allowed: 0..{max(0, (k - 1) // 2)}, or raise training.client_fraction")
+        super().check(k)
 
     def _aggregate(self, updates: torch.Tensor, num_samples: torch.Tensor, client_ids: list[int]) -> AggregationResult:
         return AggregationResult(*trimmed_mean(updates, self.beta))

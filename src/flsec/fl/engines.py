@@ -1,6 +1,11 @@
-"""Client engines: how the clients of a round are run in this process (a registry).
+"""Engines: which one runs a training (:func:`train`), and how the clients of a round are run in this
+process (the client-engine registry).
 
-An engine turns the round's :class:`~flsec.fl.rounds.ClientTask`\\ s into replies, in task order.
+``runtime.engine`` picks where the clients run: ``inprocess`` (here, by a client engine) or ``flower``
+(Flower's simulation engine, :mod:`flsec.flower.engine`, imported only when chosen). Both drive the
+same :class:`~flsec.fl.server.Server`.
+
+A client engine turns the round's :class:`~flsec.fl.rounds.ClientTask`\\ s into replies, in task order.
 
 * ``sequential`` runs :func:`~flsec.fl.rounds.run_client` one client after another on one scratch
   model; it is the reference every other engine must agree with.
@@ -14,14 +19,20 @@ An engine turns the round's :class:`~flsec.fl.rounds.ClientTask`\\ s into replie
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
+from tqdm.auto import tqdm
 
+from flsec.config import ExperimentConfig
 from flsec.errors import ConfigError
+from flsec.fl.checkpoint import Checkpoint
 from flsec.fl.federation import Federation
 from flsec.fl.rounds import ClientReply, ClientTask, finish_client, prepare_client, run_client
+from flsec.fl.server import RoundCallback, Server, fmt_rate
 from flsec.fl.vectorised import train_clients, unsupported_reason
+from flsec.lock import locked_dir
 from flsec.models import build_model
 from flsec.registry import Registry
 
@@ -104,3 +115,42 @@ def choose_engine(fed: Federation) -> str:
 @CLIENT_ENGINES.register("auto")
 def auto_engine(fed: Federation) -> ClientEngine:
     return CLIENT_ENGINES.get(choose_engine(fed))(fed)
+
+
+def train(
+    config: ExperimentConfig,
+    out: Path,
+    resume: bool = False,
+    progress: bool = True,
+    on_round_end: RoundCallback | None = None,
+) -> Checkpoint:
+    """Run (or resume) a federated training experiment into the run directory ``out``, with the
+    clients of each round run in this process by the configured client engine (``runtime.engine =
+    "flower"``: on Flower's simulation engine, see :mod:`flsec.flower.engine`). The directory is
+    locked for the duration: a second process writing it is refused."""
+    with locked_dir(Path(out)):
+        if config.runtime.engine == "flower":
+            from flsec.flower.engine import train_on_flower
+
+            return train_on_flower(config, Path(out), resume, progress, on_round_end)
+        return train_in_process(config, Path(out), resume, progress, on_round_end)
+
+
+def train_in_process(config: ExperimentConfig, out: Path, resume: bool, progress: bool,
+                     on_round_end: RoundCallback | None) -> Checkpoint:
+    """The rounds of :func:`train` with the clients run here by ``runtime.client_engine`` (``out`` locked)."""
+    server = Server(config, out, resume)
+    if server.finished is not None:
+        return server.finished
+    clients = CLIENT_ENGINES.get(config.runtime.client_engine)(server.fed)
+    server.client_engine = getattr(clients, "name", config.runtime.client_engine)
+    bar = tqdm(server.rounds, initial=server.start_round - 1, total=config.training.rounds,
+               desc=f"train {config.aggregation.name}", disable=not progress, unit="round", dynamic_ncols=True)
+    for r in bar:
+        tasks = server.begin_round(r)
+        record = server.finish_round(r, clients.run(tasks))
+        bar.set_postfix(ma=f"{record['ma']:.3f}", asr=fmt_rate(record["asr"]))
+        if on_round_end is not None:
+            on_round_end(r, record)
+    bar.close()
+    return server.checkpoint()

@@ -1,10 +1,11 @@
-"""The server side of a run, and the in-process engine that drives it.
+"""The server side of a run: selection, aggregation, evaluation and the run directory.
 
 A round is: :meth:`Server.begin_round` (select clients, record the global model of a captured round,
 hand out :class:`~flsec.fl.rounds.ClientTask`\\ s) -> the clients run their tasks (anywhere: one after
 another in this process, vectorised, or on Flower workers) -> :meth:`Server.finish_round` (store
 captures, aggregate, evaluate, commit the round to the run directory). Every engine shares these two
-methods and :func:`~flsec.fl.rounds.run_client`, so none re-implements the federation.
+methods and :func:`~flsec.fl.rounds.run_client`, so none re-implements the federation; which engine
+runs a training is chosen in :mod:`flsec.fl.engines`.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from flsec.aggregation import AggregationContext, build_aggregator, params_from_config
 from flsec.attacks.base import KNOWLEDGE, PREVIOUS_GLOBAL_UPDATE
@@ -38,11 +38,9 @@ from flsec.fl.checkpoint import (
     remove_leftovers,
 )
 from flsec.fl.client import local_train_on
-from flsec.fl.engines import CLIENT_ENGINES
 from flsec.fl.federation import Federation
 from flsec.fl.params import derive_seed, generator, get_flat, set_flat
 from flsec.fl.rounds import AGGREGATE, SELECT, ClientReply, ClientTask
-from flsec.lock import locked_dir
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
 
@@ -327,39 +325,6 @@ def _rounded(value: Any) -> Any:
     if isinstance(value, float):
         return round(value, 6) if math.isfinite(value) else None  # history.jsonl is strict JSON
     return value
-
-
-def train(
-    config: ExperimentConfig,
-    out: Path,
-    resume: bool = False,
-    progress: bool = True,
-    on_round_end: RoundCallback | None = None,
-) -> Checkpoint:
-    """Run (or resume) a federated training experiment into the run directory ``out``, with the
-    clients of each round run in this process by the configured client engine (``runtime.engine =
-    "flower"``: on Flower's simulation engine, see :mod:`flsec.flower.engine`). The directory is
-    locked for the duration: a second process writing it is refused."""
-    with locked_dir(Path(out)):
-        if config.runtime.engine == "flower":
-            from flsec.flower.engine import train_on_flower
-
-            return train_on_flower(config, Path(out), resume, progress, on_round_end)
-        server = Server(config, Path(out), resume)
-        if server.finished is not None:
-            return server.finished
-        clients = CLIENT_ENGINES.get(config.runtime.client_engine)(server.fed)
-        server.client_engine = getattr(clients, "name", config.runtime.client_engine)
-        bar = tqdm(server.rounds, initial=server.start_round - 1, total=config.training.rounds,
-                   desc=f"train {config.aggregation.name}", disable=not progress, unit="round", dynamic_ncols=True)
-        for r in bar:
-            tasks = server.begin_round(r)
-            record = server.finish_round(r, clients.run(tasks))
-            bar.set_postfix(ma=f"{record['ma']:.3f}", asr=fmt_rate(record["asr"]))
-            if on_round_end is not None:
-                on_round_end(r, record)
-        bar.close()
-        return server.checkpoint()
 
 
 def describe(config: ExperimentConfig) -> dict[str, Any]:

@@ -167,7 +167,7 @@ def run_flower(server: Server, progress: bool = True, on_round_end: RoundCallbac
 
 def train_on_flower(config: ExperimentConfig, out: Path, resume: bool = False, progress: bool = True,
                     on_round_end: RoundCallback | None = None) -> Checkpoint:
-    """:func:`flsec.fl.server.train` with the clients on Flower's simulation engine (same run directory)."""
+    """:func:`flsec.fl.engines.train` with the clients on Flower's simulation engine (same run directory)."""
     server = Server(config, Path(out), resume)
     if server.finished is not None:
         return server.finished

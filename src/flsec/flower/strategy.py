@@ -21,7 +21,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import validate_message_reply_consistency
 
-from flsec.aggregation import Aggregator, AggregatorParams, build_aggregator
+from flsec.aggregation import AGGREGATORS, Aggregator, AggregatorParams, build_aggregator
 from flsec.errors import ConfigError
 
 
@@ -84,12 +84,8 @@ class RobustStrategy(FedAvg):
         super().__init__(**fedavg_kwargs)
         if server_lr <= 0:
             raise ConfigError(f"server_lr: must be > 0, got {server_lr}")
-        if isinstance(aggregator, str):
-            from flsec import plugins
-
-            registry = plugins.registry_for("aggregator")
-            if aggregator not in registry:
-                raise ConfigError(f"aggregator: unknown '{aggregator}'; allowed: {', '.join(registry.names())}")
+        if isinstance(aggregator, str) and aggregator not in AGGREGATORS:
+            raise ConfigError(f"aggregator: unknown '{aggregator}'; allowed: {', '.join(AGGREGATORS.names())}")
         self.aggregator_spec = aggregator
         self.params = dict(f=f, multi_krum_m=multi_krum_m, trim_beta=trim_beta, foolsgold_kappa=foolsgold_kappa,
                            fl_defender_components=fl_defender_components)

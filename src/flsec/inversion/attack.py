@@ -219,8 +219,8 @@ def invert_batch(ckpt: Checkpoint, targets: list[Target], method: str, settings:
                  on_iteration: Callable[[int], None] | None = None
                  ) -> tuple[list[dict[str, Any]], dict[Target, str]]:
     """Reconstruct several gradient captures in one vectorised optimisation
-    (:func:`flsec.inversion.batched.geiping_batched`; same results as :func:`invert_one` on each,
-    up to float rounding).
+    (:func:`flsec.inversion.batched.geiping_batched`: each step is :func:`invert_one`'s step up to float
+    rounding; the labels, statuses and iteration counts are the same, the pixels need not be).
 
     Returns the finished results (in the order of ``targets``) and, for the captures that cannot
     join the batch, the reason (:func:`~flsec.inversion.batched.batch_blocker`): the caller inverts
@@ -452,13 +452,7 @@ def _write_outputs(checkpoint: Path, out: Path, method: str, settings: Inversion
         all_labels.append(res["labels"])
         sources += [[target.round, target.client, i] for i in range(len(res["labels"]))]
     if not all_images:
-        statuses = sorted({r["status"] for r in results})
-        if statuses == ["all_zero"]:
-            raise FlsecError(
-                f"checkpoint: every selected capture ({len(results)}) is an all-zero gradient, so there is nothing to "
-                "invert; capture earlier rounds (capture.rounds) where the model does not yet fit those samples")
-        raise FlsecError(f"checkpoint: no selected capture ({len(results)}) could be inverted (status: "
-                         f"{', '.join(statuses)}); non_finite_update means the client sent NaN/Inf values")
+        raise FlsecError(nothing_inverted(results))
     write_tensors(out / "reconstructions.safetensors",
                   {"images": torch.cat(all_images), "labels": torch.cat(all_labels).long(),
                    "sources": torch.tensor(sources, dtype=torch.long)},
@@ -470,6 +464,23 @@ def _write_outputs(checkpoint: Path, out: Path, method: str, settings: Inversion
               "note": "scores use the evaluation_only ground truth; the attack did not"}
     write_strict_json(out / "metrics.json", report)
     return report
+
+
+# What each status of a capture that gave no images means (``metrics.json`` records the status).
+SKIPPED_STATUS = {"all_zero": "an all-zero gradient or update (the model already fits those samples)",
+                  "non_finite_update": "NaN/Inf values in what the client sent",
+                  "diverged": "an inversion objective that never became finite"}
+
+
+def nothing_inverted(results: list[dict[str, Any]]) -> str:
+    """One line on why none of the selected captures gave images, each status counted and named."""
+    counts: dict[str, int] = {}
+    for r in results:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    why = "; ".join(f"{n} with {SKIPPED_STATUS.get(status, status)} ({status})" for status, n in sorted(counts.items()))
+    hint = ("; capture earlier rounds (capture.rounds) where the model does not yet fit those samples"
+            if set(counts) == {"all_zero"} else "")
+    return f"checkpoint: none of the {len(results)} selected capture(s) could be inverted: {why}{hint}"
 
 
 def _batching(results: list[dict[str, Any]], batch_captures: int) -> dict[str, Any]:

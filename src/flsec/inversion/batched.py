@@ -14,8 +14,11 @@ The objective of one capture is exactly :func:`flsec.inversion.methods.geiping`'
 optimiser is a single ``torch.optim.Adam`` over the stacked K x B x C x H x W images with the same
 step-decay schedule: Adam is element-wise, so each capture keeps its own moments and the update of
 each capture is the one it would get alone. Starts are drawn from the same seeded generator as the
-one-by-one path, so batched and one-by-one reconstructions agree up to float rounding
-(``tests/test_inversion_batched.py``).
+one-by-one path, and every step evaluates the same objective and gradient as the one-by-one path up
+to float rounding (``tests/test_inversion_batched.py`` checks that, step by step). The trajectories
+themselves are not reproducible across kernels: Adam on the *sign* of the gradient turns a rounding
+difference in a near-zero coordinate into a full step, so after many iterations the batched and the
+one-by-one reconstruction of a capture (or the same path on two CPUs) may sit in different minima.
 
 What cannot be vectorised falls back to one-by-one, with the reason in the metrics
 (:func:`batch_blocker`): another method than ``geiping`` (L-BFGS line searches differ per
@@ -71,22 +74,16 @@ def _stack(cases: Sequence[GradientCase]) -> tuple[dict[str, torch.Tensor], dict
     return params, buffers
 
 
-def geiping_batched(cases: Sequence[GradientCase], labels: Sequence[torch.Tensor], shape: tuple[int, ...],
-                    s: InversionSettings, *, stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
-                    on_iteration: Callable[[int], None] | None = None) -> list[InversionOutput]:
-    """:func:`flsec.inversion.methods.geiping` on K gradient cases at once (see the module docstring).
-
-    ``shape`` is one capture's image shape (B x C x H x W); ``labels[k]`` are case k's B labels.
-    Returns one output per case, best restart each. Ctrl-C raises KeyboardInterrupt (a batch
-    stopped half-way holds no finished reconstruction)."""
-    device = cases[0].observed.device
-    box = Box.for_space(s.space, shape[1], stats, device)
+def objective_gradients(cases: Sequence[GradientCase], labels: Sequence[torch.Tensor], box: Box,
+                        tv_weight: float) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """``z`` (K x B x C x H x W) -> (the gradient of each case's objective with respect to its own
+    images, each case's reconstruction term 1 - cos): one vmapped evaluation of the objective of
+    :func:`flsec.inversion.methods.geiping` per case, on that case's weights, gradient and labels."""
     model = cases[0].model
     names = list(cases[0].params)
     params, buffers = _stack(cases)
     observed = torch.stack([c.observed.detach() for c in cases])
-    ys = torch.stack([y.to(device) for y in labels])
-    k = len(cases)
+    ys = torch.stack([y.to(observed.device) for y in labels])
 
     def objective(p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], z: torch.Tensor, y: torch.Tensor,
                   g_obs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,9 +94,24 @@ def geiping_batched(cases: Sequence[GradientCase], labels: Sequence[torch.Tensor
 
         g = grad(ce)(p)
         rec = cosine_distance(torch.cat([g[n].reshape(-1) for n in names]), g_obs)
-        return rec + s.tv_weight * total_variation(z), rec
+        return rec + tv_weight * total_variation(z), rec
 
     step_grad = vmap(grad(objective, argnums=2, has_aux=True))
+    return lambda z: step_grad(params, buffers, z, ys, observed)
+
+
+def geiping_batched(cases: Sequence[GradientCase], labels: Sequence[torch.Tensor], shape: tuple[int, ...],
+                    s: InversionSettings, *, stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+                    on_iteration: Callable[[int], None] | None = None) -> list[InversionOutput]:
+    """:func:`flsec.inversion.methods.geiping` on K gradient cases at once (see the module docstring).
+
+    ``shape`` is one capture's image shape (B x C x H x W); ``labels[k]`` are case k's B labels.
+    Returns one output per case, best restart each. Ctrl-C raises KeyboardInterrupt (a batch
+    stopped half-way holds no finished reconstruction)."""
+    device = cases[0].observed.device
+    box = Box.for_space(s.space, shape[1], stats, device)
+    step_grad = objective_gradients(cases, labels, box, s.tv_weight)
+    k = len(cases)
     outs = [InversionOutput(torch.empty(0), float("inf")) for _ in range(k)]
     for restart in range(s.restarts):
         g0 = torch.Generator().manual_seed(s.seed * 1000 + restart)
@@ -112,7 +124,7 @@ def geiping_batched(cases: Sequence[GradientCase], labels: Sequence[torch.Tensor
         run_x = box.pixels(z).clamp(0.0, 1.0)
         for it in range(s.iterations):
             before = z.clone()
-            dz, rec = step_grad(params, buffers, z, ys, observed)
+            dz, rec = step_grad(z)
             z.grad = dz.sign()
             opt.step()
             sched.step()

@@ -15,6 +15,7 @@ Where the optimisation runs (``InversionSettings.space``):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -52,6 +53,13 @@ class InversionSettings:
     boost_threshold: float = 3.0
 
     def __post_init__(self) -> None:
+        for name, low in (("iterations", 1), ("restarts", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name}: must be >= {low}, got {getattr(self, name)}")
+        for name, positive in (("lr", True), ("tv_weight", False), ("boost_threshold", True)):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > 0 if positive else value >= 0)):
+                raise ValueError(f"{name}: must be a finite number {'>' if positive else '>='} 0, got {value}")
         if self.surrogate_steps < 0:
             raise ValueError(f"surrogate_steps: must be >= 0 (0: the client's own), got {self.surrogate_steps}")
         if self.max_images < 1:

@@ -14,7 +14,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -23,9 +23,7 @@ from flsec.errors import CheckpointError
 from flsec.fl.checkpoint import load_checkpoint
 from flsec.io import write_bytes, write_text
 from flsec.sweep.grid import Axis, Cell
-
-if TYPE_CHECKING:
-    from flsec.sweep.runner import Run, SweepResult
+from flsec.sweep.runs import Run, SweepResult, run_status
 
 FIXED = ["cell", "seed", "status", "rounds", "ma", "asr", "asr_max", "last_attack_round", "asr_at_stop",
          "lifespan", "seconds", "run_dir"]
@@ -33,8 +31,6 @@ FIXED = ["cell", "seed", "status", "rounds", "ma", "asr", "asr_max", "last_attac
 
 def run_row(run: Run, out: Path, axes: Sequence[Axis]) -> dict[str, Any]:
     """One run's row: its cell, seed and axis labels, and, when finished, its final metrics."""
-    from flsec.sweep.runner import run_status
-
     row: dict[str, Any] = {"cell": run.cell.id, "seed": run.seed, "status": run_status(run.dir),
                            "run_dir": run.dir.relative_to(out).as_posix()}
     row.update({a.key: lab for a, lab in zip(axes, run.cell.labels, strict=True)})

@@ -1,4 +1,4 @@
-"""Running a sweep: every (cell, seed) is an ordinary run directory, trained by ``flsec.fl.server.train``.
+"""Running a sweep: every (cell, seed) is an ordinary run directory, trained by ``flsec.fl.engines.train``.
 
 Finished runs are skipped and interrupted ones resumed, so a killed sweep continues where it stopped.
 With ``jobs > 1`` runs go to that many worker processes (spawned, so no thread pool is inherited), the
@@ -7,11 +7,9 @@ CPU threads split evenly between them.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -22,45 +20,9 @@ from tqdm.auto import tqdm
 from flsec.config import SweepGrid
 from flsec.errors import FlsecError
 from flsec.io import write_json
-from flsec.sweep.grid import Axis, Cell, apply_cell, expand, with_seed
-
-
-@dataclass(frozen=True)
-class Run:
-    """One seed of one cell and its run directory."""
-
-    cell: Cell
-    seed: int
-    dir: Path
-
-
-@dataclass
-class SweepResult:
-    out: Path
-    axes: list[Axis]
-    cells: list[Cell]
-    seeds: list[int]
-    runs: list[Run]
-    name: str = "sweep"
-    trained: int = 0
-    skipped: int = 0
-    failed: list[tuple[Run, str]] = field(default_factory=list)
-
-
-def run_dir(out: Path, cell: Cell, seed: int) -> Path:
-    return out / "runs" / cell.id / f"seed_{seed}"
-
-
-def run_status(path: Path) -> str:
-    """``complete``, ``partial`` (a run was started; resume it) or ``missing``."""
-    meta = path / "meta.json"
-    if not meta.is_file():
-        return "partial" if path.exists() and any(path.iterdir()) else "missing"
-    try:
-        status = json.loads(meta.read_text(encoding="utf-8")).get("status")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-        return "partial"
-    return "complete" if status == "complete" else "partial"
+from flsec.sweep.grid import apply_cell, expand, with_seed
+from flsec.sweep.outputs import write_outputs
+from flsec.sweep.runs import Run, SweepResult, run_dir, run_status
 
 
 def threads_per_job(jobs: int, threads: int | None) -> int:
@@ -72,7 +34,7 @@ def threads_per_job(jobs: int, threads: int | None) -> int:
 def train_one(config: dict[str, Any], path: str, threads: int) -> str:
     """Train (or resume) one run directory with ``threads`` CPU threads; the unit a worker executes."""
     from flsec.config import build_config
-    from flsec.fl.server import train
+    from flsec.fl.engines import train
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -147,8 +109,6 @@ def run_sweep(base: dict[str, Any], grid: SweepGrid, seeds: list[int], out: Path
     """Expand the grid, train what is not finished yet, and write the sweep's tables, heatmaps and index.
 
     ``train=False`` trains nothing: it only rewrites the outputs from the runs finished so far."""
-    from flsec.sweep.outputs import write_outputs
-
     if jobs < 1:
         raise FlsecError(f"--jobs: must be >= 1, got {jobs}")
     if not seeds:

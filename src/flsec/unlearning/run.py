@@ -238,7 +238,7 @@ def _retrain_without(config: ExperimentConfig, fed: Federation, excluded: list[i
     """Baseline: the same federation and rounds with the ``excluded`` clients never taking part (the
     others, attackers among them, behave as before); scored by ``fed`` (the original federation), so
     ASR uses the original trigger and target."""
-    from flsec.fl.server import train
+    from flsec.fl.engines import train
 
     data = copy.deepcopy(config.model_dump(mode="json"))
     n = config.training.num_clients
