@@ -28,12 +28,14 @@ from flsec.config import ExperimentConfig, load_config
 from flsec.inversion.records import write_strict_json
 from flsec.io import write_text
 from flsec.pipeline import run_pipeline
-from flsec.unlearning.carriers import CARRIERS
 from flsec.unlearning.run import run_unlearning, settings_from
 from provenance import ROOT, cpu_name, default_data_dir, git_commit
 
 #: Targets per config file name: (carriers, ASR after at most, MA loss at most in points).
-TARGETS = {"mnist_realistic.toml": {"root": (0.02, 0.5), "synthetic": (0.05, 1.5)}}
+TARGETS = {"mnist_realistic.toml": {"root": (0.02, 0.5), "root_true_labels": (0.02, 0.5), "synthetic": (0.05, 1.5)}}
+#: The carrier variants of phase 3: name -> (unlearning.carriers, unlearning.root_labels).
+VARIANTS = {"reconstructions": ("reconstructions", None), "root": ("root", "model"),
+            "root_true_labels": ("root", "true"), "synthetic": ("synthetic", None)}
 
 
 def pct(x: float | None) -> str:
@@ -54,14 +56,14 @@ def run_seed(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     run_pipeline(cfg, out, progress=False)
     seconds = {"pipeline": time.perf_counter() - t0}
     metrics = {cfg.carriers: json.loads((out / "unlearn" / "metrics.json").read_text())}
-    for kind in CARRIERS:
+    for kind, (carriers, root_labels) in VARIANTS.items():
         if kind == cfg.carriers:
             continue
         folder = out / f"unlearn_{kind}"
         if not (folder / "metrics.json").is_file():
             t1 = time.perf_counter()
             run_unlearning(out / "train", out / "invert", folder, settings_from(cfg.unlearning, cfg.seed, False),
-                           baselines=False, progress=False, carriers=kind)
+                           baselines=False, progress=False, carriers=carriers, root_labels=root_labels)
             seconds[f"unlearn_{kind}"] = time.perf_counter() - t1
         metrics[kind] = json.loads((folder / "metrics.json").read_text())
     history = [json.loads(line) for line in (out / "train" / "history.jsonl").read_text().splitlines() if line]
@@ -90,7 +92,7 @@ def section(name: str, cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> tup
              "| carriers | clean images held | ASR before (%) | ASR after (%) | MA before (%) | MA after (%) | "
              "MA loss (points) | target | met? |", "|---|---|---|---|---|---|---|---|---|"]
     checks: dict[str, Any] = {}
-    for kind in CARRIERS:
+    for kind in VARIANTS:
         rows = [r["metrics"][kind] for r in runs if kind in r["metrics"]]
         if not rows:
             continue
@@ -123,8 +125,8 @@ def section(name: str, cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> tup
                          f"{mean_std([m['ma'] for m in rows])} |")
     lines += ["", "Per seed:", "", "| seed | suspects precision / recall | inverted (round, client: suspicion) | "
               "PSNR (dB) | labels | target found (source) | mask IoU | " + " | ".join(
-                  f"{k}: ASR / MA" for k in CARRIERS) + " | seconds (pipeline) |", "|---|---|---|---|---|---|---|"
-              + "---|" * len(CARRIERS) + "---|"]
+                  f"{k}: ASR / MA" for k in VARIANTS) + " | seconds (pipeline) |", "|---|---|---|---|---|---|---|"
+              + "---|" * len(VARIANTS) + "---|"]
     for r in runs:
         p, rc = detection(r["history"])
         v = r["metrics"][cfg.carriers]["verification"]
@@ -132,7 +134,7 @@ def section(name: str, cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> tup
                              else f"({t['round']}, {t['client']})" for t in r["inverted"])
         iou = v.get("mask_iou_with_true_trigger")
         cells = " | ".join(f"{pct(r['metrics'][k]['after']['asr'])} / {pct(r['metrics'][k]['after']['ma'])}"
-                           if k in r["metrics"] else "-" for k in CARRIERS)
+                           if k in r["metrics"] else "-" for k in VARIANTS)
         s = r["inversion"]
         lines.append(f"| {r['seed']} | {pct(p)} / {pct(rc)} | {inverted} | {s.get('mean_psnr') or 0:.2f} | "
                      f"{pct(s.get('label_accuracy'))} | {v.get('suspected_target')} (true {v.get('true_target')}; "

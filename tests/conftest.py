@@ -25,6 +25,8 @@ def small_config(**sections: dict) -> ExperimentConfig:
         "training": {"num_clients": 6, "rounds": 4, "local_epochs": 1, "batch_size": 16, "lr": 0.05},
         "attack": {"kind": "backdoor", "num_malicious": 1, "boost": True, "trigger": {"offset": 0}},
         "capture": {"rounds": "last", "clients": "malicious", "gradient_batch_sizes": [1]},
+        # Phase 3 sized for tests: Neural Cleanse and the synthesised carriers in seconds.
+        "unlearning": {"reverse_steps": 60, "synthetic": {"per_class": 3, "steps": 40}},
         "runtime": {"device": "cpu"},  # tests run on the CPU even where a GPU exists (the cuda tests ask for it)
     }
     for key, value in sections.items():

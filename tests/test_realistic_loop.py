@@ -31,7 +31,7 @@ from tests.conftest import small_config
 
 REALISTIC = {"capture": {"mode": "realistic", "rounds": "all", "clients": "suspects", "gradient_batch_sizes": []},
              "inversion": {"iterations": 30, "max_captures": 2, "max_images": 8},
-             "unlearning": {"steps": 40, "reverse_steps": 60, "synthetic": {"per_class": 3, "steps": 40}}}
+             "unlearning": {"steps": 40}}
 
 
 def realistic_config(**sections: dict):  # type: ignore[no-untyped-def]
@@ -253,3 +253,32 @@ def test_carriers_from_config(realistic_run: Path) -> None:
     assert c.images is recon and c.clean_images == 0
     with pytest.raises(ValueError, match="unlearning.carriers: unknown 'x'"):
         build_carriers("x", ckpt.config, model, recon, torch.zeros(5, dtype=torch.long))
+
+
+def test_root_labels_turn_both_terms_into_cross_entropy() -> None:
+    """``unlearning.root_labels = "true"``: one step of corrective unlearning is one SGD step on
+    [CE(f(stamp(x)), y) + lambda * CE(f(x), y)] / (1 + lambda) with the root set's own labels
+    (Neural Cleanse's unlearning step), not on the teacher's outputs."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    x = torch.rand(6, 1, 4, 4)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    mask = torch.zeros(1, 4, 4, dtype=torch.bool)
+    mask[0, :2, :2] = True
+    est = TriggerEstimate(mask, torch.ones(1, 4, 4), torch.zeros(1, 4, 4), mask[0].float())
+    s = FinetuneSettings(steps=1, batch_size=4, lr=0.5, retention_weight=2.0, noise=0.0, seed=3, progress=False)
+    student = corrective_unlearning(model, x, est, s, labels=y)
+
+    idx = torch.randint(0, len(x), (s.batch_size,), generator=torch.Generator().manual_seed(s.seed))
+    xb, yb = est.remove(x)[idx], y[idx]
+    ref = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    ref.load_state_dict(model.state_dict())
+    loss = (F.cross_entropy(ref(est.stamp(xb)), yb) + 2.0 * F.cross_entropy(ref(xb), yb)) / 3.0
+    loss.backward()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p -= s.lr * p.grad
+    for a, b in zip(student.parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    distilled = corrective_unlearning(model, x, est, s)
+    assert not torch.allclose(distilled[1].weight, student[1].weight, atol=1e-4)

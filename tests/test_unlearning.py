@@ -53,8 +53,10 @@ def test_unlearning_lowers_asr_and_writes_repaired_checkpoint(trained_run: Path,
     assert res["before"]["asr"] > 0.6
     assert res["after"]["asr"] < res["before"]["asr"] - 0.4
     assert res["after"]["ma"] > res["before"]["ma"] - 0.1  # an 8x8 image loses 14% of its pixels to the trigger
-    assert res["baseline_finetune"]["clean_images"] == 20
-    assert res["baseline_retrain"]["asr"] < 0.3  # no attackers, no backdoor
+    assert res["baseline_finetune"]["clean_images"] == 100  # the root set (unlearning.root_size)
+    assert res["baseline_retrain"]["asr"] < 0.3 and res["baseline_retrain"]["excluded"] == [0]  # no attackers
+    assert res["baseline_neural_cleanse"]["carriers"] == "synthetic"  # the model alone: no reconstructions
+    assert res["baseline_retrain_suspects"]["excluded"] == [0]  # the stand-ins' sources name client 0
     repaired = load_checkpoint(tmp_path / "out" / "checkpoint")
     assert repaired.meta["unlearning"]["after"] == res["after"]
     assert repaired.history[-1]["phase"] == "unlearning"

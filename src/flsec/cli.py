@@ -188,6 +188,9 @@ def unlearn(
     carriers: Annotated[str | None, typer.Option("--carriers", help="reconstructions, root (a clean root set the "
                                                  "server holds) or synthetic (from the model alone); default: "
                                                  "the run's unlearning.carriers")] = None,
+    root_labels: Annotated[str | None, typer.Option("--root-labels", help="with root carriers: model (distil the "
+                                                    "model's outputs) or true (the root set's labels); default: the "
+                                                    "run's unlearning.root_labels")] = None,
     baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="run the baselines")] = True,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress bar")] = False,
 ) -> None:
@@ -202,13 +205,15 @@ def unlearn(
 
     if carriers is not None and carriers not in CARRIERS:
         raise ConfigError(f"--carriers: unknown '{carriers}'; allowed: {', '.join(CARRIERS)}")
+    if root_labels is not None and root_labels not in ("model", "true"):
+        raise ConfigError(f"--root-labels: unknown '{root_labels}'; allowed: model, true")
     if lr is not None and not math.isfinite(lr):
         raise ConfigError(f"--lr: must be a finite number > 0, got {lr}")
     cfg = load_checkpoint(checkpoint).config
     settings = settings_from(cfg.unlearning, cfg.seed, not quiet)
     settings = replace(settings, steps=steps or settings.steps, lr=lr or settings.lr)
     res = run_unlearning(checkpoint, images, out, settings, baselines=baselines, progress=not quiet,
-                         retrain=cfg.unlearning.retrain_baseline, carriers=carriers)
+                         retrain=cfg.unlearning.retrain_baseline, carriers=carriers, root_labels=root_labels)
     _print_unlearning(res)
 
 

@@ -59,8 +59,10 @@ def build_carriers(kind: str, config: ExperimentConfig, model: nn.Module, recons
     if kind == "root":
         size = config.unlearning.root_size
         x, y = root_set(config, size)
+        with_labels = config.unlearning.root_labels == "true"
         return Carriers(kind, x, y, len(y), f"{len(y)} clean training images held by the server (FLTrust's root set "
-                        "assumption)", {"root_size": size})
+                        f"assumption), {'with their labels' if with_labels else 'labelled by the model'}",
+                        {"root_size": size, "root_labels": config.unlearning.root_labels})
     if kind == "synthetic":
         s = synthesis_settings(config.unlearning.synthetic, config.seed, progress)
         shape = tuple(reconstructions.shape[1:])

@@ -71,23 +71,39 @@ def _loop(model: nn.Module, s: FinetuneSettings, desc: str,
 
 
 def corrective_unlearning(model: nn.Module, images: torch.Tensor, estimate: TriggerEstimate,
-                          s: FinetuneSettings) -> nn.Module:
-    """Fine-tune a copy of ``model`` on the reconstructions (see the module docstring)."""
+                          s: FinetuneSettings, labels: torch.Tensor | None = None) -> nn.Module:
+    """Fine-tune a copy of ``model`` on the carriers (see the module docstring).
+
+    With ``labels`` (a labelled clean root set), both terms take the one-hot true label as their
+    target instead of the teacher's output, so the KL terms become cross-entropies: Neural Cleanse's
+    own unlearning step (Wang et al. 2019, Sec. VI-C: stamped clean images with their correct
+    labels). The translation of :func:`augment` is then off, as in :func:`plain_finetune`: a hard
+    label on a shifted small image teaches the shift."""
     teacher = copy.deepcopy(model).eval()
     estimate = estimate.to(images.device)
     clean = estimate.remove(images)
+    shift = s.shift if labels is None else 0
+    onehot = None if labels is None else F.one_hot(labels.long(), _classes(teacher, images)).float().to(images.device)
 
     def loss_fn(student: nn.Module, g: torch.Generator) -> torch.Tensor:
         idx = torch.randint(0, len(clean), (s.batch_size,), generator=g).to(images.device)
-        xb = augment(clean[idx], g, s.shift, s.noise)
-        with torch.no_grad():
-            soft = torch.softmax(teacher(xb), dim=1)
+        xb = augment(clean[idx], g, shift, s.noise)
+        if onehot is not None:
+            soft = onehot[idx]
+        else:
+            with torch.no_grad():
+                soft = torch.softmax(teacher(xb), dim=1)
         both = F.log_softmax(student(torch.cat([estimate.stamp(xb), xb])), dim=1)
         unlearn = F.kl_div(both[: len(xb)], soft, reduction="batchmean")
         retain = F.kl_div(both[len(xb) :], soft, reduction="batchmean")
         return (unlearn + s.retention_weight * retain) / (1.0 + s.retention_weight)
 
     return _loop(model, s, "unlearn", loss_fn)
+
+
+def _classes(model: nn.Module, images: torch.Tensor) -> int:
+    with torch.no_grad():
+        return int(model(images[:1]).shape[1])
 
 
 def plain_finetune(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s: FinetuneSettings) -> nn.Module:

@@ -119,23 +119,26 @@ def _inversion_metrics(images: Path) -> dict[str, Any]:
 
 def run_unlearning(checkpoint: Path, images: Path, out: Path, settings: FinetuneSettings | None = None,
                    baselines: bool = True, progress: bool = True, device: torch.device | None = None,
-                   retrain: bool = True, trigger_source: str | None = None, carriers: str | None = None
-                   ) -> dict[str, Any]:
+                   retrain: bool = True, trigger_source: str | None = None, carriers: str | None = None,
+                   root_labels: str | None = None) -> dict[str, Any]:
     """Phase 3: verify the backdoor on the reconstructions in ``images``, estimate its target and
     trigger, unlearn it from the checkpoint's global model on the carriers (``carriers`` or the
-    config's), and measure MA / ASR before and after (and the baselines). Writes the repaired
+    config's; ``root_labels`` overrides ``unlearning.root_labels``), and measure MA / ASR before and
+    after (and the baselines). Writes the repaired
     checkpoint to ``out/checkpoint`` and ``out/metrics.json`` last (the phase's completion mark);
     ``out`` is held under its write lock, so a second process writing it is refused."""
     with locked_dir(Path(out)):
         return _run_unlearning(checkpoint, images, Path(out), settings, baselines, progress, device, retrain,
-                               trigger_source, carriers)
+                               trigger_source, carriers, root_labels)
 
 
 def _run_unlearning(checkpoint: Path, images: Path, out: Path, settings: FinetuneSettings | None, baselines: bool,
                     progress: bool, device: torch.device | None, retrain: bool, trigger_source: str | None,
-                    carrier_kind: str | None) -> dict[str, Any]:
+                    carrier_kind: str | None, root_labels: str | None) -> dict[str, Any]:
     ckpt = load_checkpoint(checkpoint)
     cfg = ckpt.config
+    if root_labels is not None:
+        cfg = cfg.model_copy(update={"unlearning": cfg.unlearning.model_copy(update={"root_labels": root_labels})})
     device = device or resolve_device(cfg.runtime.device)
     settings = settings or settings_from(cfg.unlearning, cfg.seed, progress)
     spec = ckpt.input_spec()
@@ -169,7 +172,8 @@ def _run_unlearning(checkpoint: Path, images: Path, out: Path, settings: Finetun
         result["verification"]["mask_iou_with_true_trigger"] = iou if math.isfinite(iou) else None
         result["verification"]["mask_iou_status"] = "ok" if math.isfinite(iou) else "empty masks"
         result["unlearned"] = True
-        repaired = corrective_unlearning(model, carriers.images.to(device), est, settings)
+        true_labels = carriers.labels.to(device) if carriers.details.get("root_labels") == "true" else None
+        repaired = corrective_unlearning(model, carriers.images.to(device), est, settings, labels=true_labels)
         require_finite(repaired, "unlearning")
         result["after"] = _cpu_eval(fed, repaired)
 
