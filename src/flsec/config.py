@@ -48,11 +48,27 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name: str = "digits_cnn"
+    width: int | None = Field(None, description="base channel count of a model that has one (resnet18: 64 is the "
+                                                "standard net); an even number >= 2; default: the model's standard")
 
     @field_validator("name")
     @classmethod
     def _known_model(cls, v: str) -> str:
         return _registered("model", v)
+
+    @model_validator(mode="after")
+    def _width_fits(self) -> ModelConfig:
+        from flsec.models import MODELS, has_width
+
+        if self.width is None:
+            return self
+        if not has_width(self.name):
+            with_width = [n for n in MODELS.names() if has_width(n)]
+            raise ValueError(f"model.width: model '{self.name}' has no width option; models with one: "
+                             f"{', '.join(with_width) or 'none'}")
+        if self.width < 2 or self.width % 2 or self.width > 1024:
+            raise ValueError(f"model.width: {self.width} is not allowed; allowed: an even number in 2..1024")
+        return self
 
 
 class TrainingConfig(_Section):
@@ -65,6 +81,9 @@ class TrainingConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     server_lr: float = Field(1.0, gt=0)
+    augment_crop: int = Field(0, ge=0, le=16, description="local training: random crop after zero padding by this "
+                              "many pixels (4 is the usual CIFAR setting; 0: off)")
+    augment_flip: bool = Field(False, description="local training: random horizontal flip of each image")
 
 
 class TriggerConfig(_Section):

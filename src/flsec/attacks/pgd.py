@@ -91,8 +91,7 @@ class NormBoundedBackdoor(BackdoorAttack):
     name = "pgd"
 
     def honest_spec(self) -> LocalSpec:
-        t = self.config.training
-        return LocalSpec(t.local_epochs, t.batch_size, t.lr, t.momentum, t.weight_decay)
+        return LocalSpec.from_training(self.config.training)
 
     def honest_norm(self, client: int, round_: int, norm: str) -> Callable[[nn.Module], float]:
         """The norm of the update the client would send if it were honest, from the model's weights."""

@@ -96,7 +96,8 @@ def choose_engine(fed: Federation) -> str:
     sequential also for models the vectorised engine cannot train and for one client per round."""
     if fed.runtime.device.type == "cpu" or fed.config.clients_per_round == 1:
         return "sequential"
-    if unsupported_reason(build_model(fed.config.model.name, fed.spec, fed.config.seed)) is not None:
+    model = build_model(fed.config.model.name, fed.spec, fed.config.seed, fed.config.model.width)
+    if unsupported_reason(model) is not None:
         return "sequential"
     return "vectorised"
 

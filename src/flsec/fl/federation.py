@@ -82,13 +82,13 @@ class Federation:
 
     def new_model(self) -> nn.Module:
         """The experiment's model at its seeded initial weights, on the run's device and memory format."""
-        return self.runtime.place(build_model(self.config.model.name, self.spec, self.config.seed))
+        return self.runtime.place(build_model(self.config.model.name, self.spec, self.config.seed,
+                                              self.config.model.width))
 
     @property
     def local_spec(self) -> LocalSpec:
         """The honest clients' local hyper-parameters."""
-        t = self.config.training
-        return LocalSpec(t.local_epochs, t.batch_size, t.lr, t.momentum, t.weight_decay)
+        return LocalSpec.from_training(self.config.training)
 
     def client_spec(self, client: int, round_: int) -> LocalSpec:
         """The local hyper-parameters the client trains with in this round (an attacker may use its own)."""
