@@ -48,7 +48,7 @@ rm -rf "$WORK"
 mkdir -p "$WORK"
 export PYTHONUNBUFFERED=1
 
-flsec() { "$PYTHON" -c 'import sys; from flsec.cli import main; sys.argv[0] = "flsec"; main()' "$@"; }
+FLSEC=("$PYTHON" -c 'import sys; from flsec.cli import main; sys.argv[0] = "flsec"; main()')
 
 # The whole script stays within GPU_CHECK_BUDGET seconds (default 560, under a 10-min session): each step's
 # limit is cut to what is left, and a step with under 20 s left is skipped (recorded as such).
@@ -88,7 +88,8 @@ if [ "$DRY" = 1 ]; then
   RESNET_SETS=(--set model.width=4 --set data.train_size=200 --set data.test_size=50 --set training.rounds=2
                --set inversion.iterations=3 --set inversion.max_images=2 --set unlearning.steps=5
                --set unlearning.baselines=false --set 'unlearning.trigger_source="verification"')
-  CPU_CONFIG_SETS=(--set training.rounds=1 --set data.train_size=200 --set data.test_size=50 --set model.width=4)
+  CPU_CONFIG_SETS=(--set training.rounds=2 --set attack.rounds=[2] --set capture.rounds=[2] --set data.train_size=200
+                   --set data.test_size=50 --set model.width=4)
 else
   THROUGHPUT_ARGS=(--parts local round --threads 1 --rounds 3)
   ENGINE_SETS=(--repeats 2)
@@ -99,20 +100,16 @@ else
 fi
 
 step env 120 "$PYTHON" benchmarks/gpu_report.py --env "$WORK/env.json" --device "$DEVICE"
-if [ "$DRY" = 1 ]; then
-  step cuda_tests 300 "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider tests/test_runtime.py
-else
-  step cuda_tests 300 "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider -rs tests
-fi
+step cuda_tests 300 "$PYTHON" -m pytest -m cuda -q -p no:cacheprovider -rs tests
 step throughput 420 "$PYTHON" benchmarks/throughput.py --data-dir "$DATA_DIR" --device "$DEVICE" \
   "${THROUGHPUT_ARGS[@]}" --out "$WORK/throughput.json"
 step engines 240 "$PYTHON" benchmarks/engines_agree.py --config configs/cifar10_resnet18.toml --device "$DEVICE" \
   --set "data.data_dir=\"$DATA_DIR\"" "${ENGINE_SETS[@]}"
 step inversion_batched 300 "$PYTHON" benchmarks/inversion_batched.py --data-dir "$DATA_DIR" --device "$DEVICE" \
   --threads 1 "${INVERSION_ARGS[@]}" --work "$WORK/inversion_captures" --out "$WORK/inversion_batched"
-step resnet18 420 flsec run --config configs/cifar10_resnet18.toml --device "$DEVICE" -q \
+step resnet18 420 "${FLSEC[@]}" run --config configs/cifar10_resnet18.toml --device "$DEVICE" -q \
   --set "data.data_dir=\"$DATA_DIR\"" "${RESNET_SETS[@]}" --out "$WORK/resnet18"
-step resnet18_cpu_config 300 flsec train --config configs/cifar10_resnet18_cpu.toml --device "$DEVICE" -q \
+step resnet18_cpu_config 300 "${FLSEC[@]}" train --config configs/cifar10_resnet18_cpu.toml --device "$DEVICE" -q \
   --set "data.data_dir=\"$DATA_DIR\"" "${CPU_CONFIG_SETS[@]}" --out "$WORK/resnet18_cpu_config"
 
 "$PYTHON" benchmarks/gpu_report.py --work "$WORK" --out "$OUT" --dry-run "$DRY" \

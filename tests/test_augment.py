@@ -170,3 +170,25 @@ def test_capture_truth_replays_the_augmented_poisoned_batches(tmp_path) -> None:
     batches = list(zip(x.split(meta["batch_size"]), y.split(meta["batch_size"]), strict=True))
     update = local_train_on(model, batches, spec).update * meta["boost_factor"]
     assert torch.allclose(update, tensors["update"], atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("engine", ["sequential", "vectorised"])
+def test_augmented_resnet_round_on_cuda_agrees_with_cpu(tmp_path, engine: str) -> None:  # type: ignore[no-untyped-def]
+    """The augmentation draws stay on the CPU generator, so a CUDA round trains on the same augmented batches
+    as the CPU reference (a narrow ResNet-18, both engines)."""
+    from flsec.fl.engines import CLIENT_ENGINES
+    from flsec.fl.server import Server
+    from tests.conftest import small_config
+
+    cfg = small_config(model={"name": "resnet18", "width": 4},
+                       training={"augment_crop": 2, "augment_flip": True, "num_clients": 4, "rounds": 1})
+    replies = {}
+    for device in ("cpu", "cuda"):
+        run = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"device": device,
+                                                                               "client_engine": engine})})
+        server = Server(run, tmp_path / device)
+        replies[device] = CLIENT_ENGINES.get(engine)(server.fed).run(server.begin_round(1))
+    for a, b in zip(replies["cpu"], replies["cuda"], strict=True):
+        assert float((a.update - b.update.cpu()).norm()) <= 1e-3 * max(float(a.update.norm()), 1e-6), a.client
