@@ -140,9 +140,9 @@ def _inversion_rows(name: str, inv: dict[str, Any] | None) -> list[str]:
     if inv is None:
         return [f"| {name} | not run | | | | |"]
     s = inv["summary"]
-    stats = s.get("psnr_stats") or {}
+    stats = {k: v for k, v in (s.get("psnr_stats") or {}).items() if v is not None}
     return [f"| {name} | {s.get('targets')} capture(s), {s.get('images')} images | {_psnr(inv)} dB "
-            f"(median {stats.get('median', float('nan')):.2f}, best {stats.get('max', float('nan')):.2f}) | "
+            f"(median {stats.get('median', float('nan')):.2f}, best {stats.get('best', float('nan')):.2f}) | "
             f"{s.get('mean_ssim') if s.get('mean_ssim') is None else round(s['mean_ssim'], 3)} | "
             f"{pct(s.get('label_accuracy'))} | "
             f"{'n/a' if s.get('mean_trigger_correlation') is None else round(s['mean_trigger_correlation'], 3)} |"]
