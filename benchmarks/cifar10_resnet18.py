@@ -59,23 +59,38 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_phases(cmd: list[str], run_dir: Path) -> dict[str, float]:
-    """Run ``flsec run`` and time its phases by the appearance of invert/ and unlearn/ (wall seconds)."""
+def process_cpu(pid: int) -> float | None:
+    """CPU seconds (user + system) a running process has used so far (Linux /proc; None elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def run_phases(cmd: list[str], run_dir: Path) -> dict[str, dict[str, float | None]]:
+    """Run ``flsec run``; each phase's wall and CPU seconds, split where invert/ and unlearn/ appear."""
     t0, c0 = time.perf_counter(), children_cpu()
-    marks: dict[str, float] = {}
+    marks: dict[str, tuple[float, float | None]] = {}
     proc = subprocess.Popen(cmd, cwd=ROOT)
     while proc.poll() is None:
         for phase in ("invert", "unlearn"):
             if phase not in marks and (run_dir / phase).exists():
-                marks[phase] = time.perf_counter() - t0
+                marks[phase] = (time.perf_counter() - t0, process_cpu(proc.pid))
         time.sleep(2)
     if proc.returncode != 0:
         raise SystemExit(f"flsec run failed with exit code {proc.returncode}: {shlex.join(cmd)}")
-    total = time.perf_counter() - t0
-    train_end = marks.get("invert", 0.0)
+    end = (time.perf_counter() - t0, children_cpu() - c0)
+    start: tuple[float, float | None] = (0.0, 0.0)
+    train_end = marks.get("invert", start)
     invert_end = marks.get("unlearn", train_end)
-    return {"train": train_end, "invert_update": invert_end - train_end, "unlearn": total - invert_end, "total": total,
-            "cpu": children_cpu() - c0}
+
+    def span(a: tuple[float, float | None], b: tuple[float, float | None]) -> dict[str, float | None]:
+        cpu = None if a[1] is None or b[1] is None else b[1] - a[1]
+        return {"wall": b[0] - a[0], "cpu": cpu}
+
+    return {"train": span(start, train_end), "invert_update": span(train_end, invert_end),
+            "unlearn": span(invert_end, end)}
 
 
 def main() -> None:
@@ -118,8 +133,7 @@ def main() -> None:
             "--iterations", str(inv.iterations), "--restarts", str(inv.restarts), "--lr", str(inv.lr),
             "--tv", str(inv.tv_weight), "--seed", str(cfg.seed), "--labels", inv.label_strategy,
             "--space", inv.space, "--init", inv.init, "--out", str(b1_dir)), cwd=ROOT, check=True)
-        seconds["invert_b1"] = time.perf_counter() - t0
-        seconds["cpu"] += children_cpu() - c0
+        seconds["invert_b1"] = {"wall": time.perf_counter() - t0, "cpu": children_cpu() - c0}
         b1 = inversion_numbers(read_json(b1_dir / "metrics.json"))
 
     history = read_history(run_dir / "train")
@@ -150,7 +164,8 @@ def _inversion_rows(name: str, inv: dict[str, Any] | None) -> list[str]:
 
 def render(cfg: Any, command: str, sets: list[str], work: Path, history: list[dict[str, Any]],
            update: dict[str, Any] | None, b1: dict[str, Any] | None, unlearn: dict[str, Any] | None,
-           seconds: dict[str, float], load_before: tuple[float, ...], load_after: tuple[float, ...]) -> str:
+           seconds: dict[str, dict[str, float | None]], load_before: tuple[float, ...],
+           load_after: tuple[float, ...]) -> str:
     t, a, d = cfg.training, cfg.attack, cfg.data
     width = cfg.model.width or 64
     per_client = f"{(d.train_size or 4000) // t.num_clients}"
@@ -203,10 +218,16 @@ def render(cfg: Any, command: str, sets: list[str], work: Path, history: list[di
         if "baseline_retrain" in unlearn:
             br = unlearn["baseline_retrain"]
             lines.append(f"| baseline: retraining without the attackers | {pct(br.get('ma'))} | {pct(br.get('asr'))} |")
+    def cpu(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.0f}"
+
     lines += ["", "## Seconds", "",
-              "| phase | wall seconds |", "|---|---|",
-              *[f"| {k} | {v:.0f} |" for k, v in seconds.items() if k not in ("cpu", "total")],
-              f"| total | {seconds['total'] + seconds.get('invert_b1', 0):.0f} (CPU {seconds['cpu']:.0f}) |", "",
+              "Wall-clock and CPU seconds of each phase (CPU: the `flsec` process's own, read from /proc when the "
+              "phase's folder appears; a resumed run counts only what it did itself).", "",
+              "| phase | wall seconds | CPU seconds |", "|---|---|---|",
+              *[f"| {k} | {v['wall']:.0f} | {cpu(v['cpu'])} |" for k, v in seconds.items()],
+              f"| total | {sum(v['wall'] or 0 for v in seconds.values()):.0f} | "
+              f"{cpu(sum(v['cpu'] for v in seconds.values() if v['cpu'] is not None))} |", "",
               "The last line: MA and ASR of the trained global model before unlearning, ASR after unlearning, mean "
               "PSNR of the realistic update inversion.", ""]
     ma = "n/a" if before is None else f"{100 * before['ma']:.1f}"
