@@ -51,7 +51,8 @@ ATTACKS: dict[str, dict[str, Any]] = {
     "Neurotoxin": {"kind": "neurotoxin", "local_epochs": 5},
     "DBA": {"kind": "dba", "boost": False},
     "sybil flip": {"kind": "sybil_label_flip", "boost": False},
-    "edge case": {"kind": "edge_case", "boost": False},
+    # 30% of the training 7s as the tail: at 300 test images the default 10% leaves no test 7 in the tail.
+    "edge case": {"kind": "edge_case", "boost": False, "edge_case": {"tail_fraction": 0.3}},
 }
 ATTACKERS = [2, 4]
 BROKEN, DENTED = 0.5, 0.2  # mean ASR at attack stop: >= 50% breaks a rule, >= 20% dents it
@@ -343,11 +344,13 @@ def markdown(meta: dict[str, Any], report: dict[str, Any], stem: str) -> str:
         "ball of the attacker's own honest update norm, 5 local epochs; Neurotoxin = gradients masked off the top 5% "
         "coordinates of the last global update, 5 local epochs; DBA = the trigger split into one row band per "
         "attacker; sybil flip = every attacker trains on the same set, every training 7 relabelled 0; edge case = "
-        "Wang et al. 2020's tail backdoor: the rarest 10% of the training 7s (k-NN distance in a PCA embedding) are "
-        "held by the attackers only, relabelled 0 (no trigger). "
+        "Wang et al. 2020's tail backdoor: the rarest 30% of the training 7s (k-NN distance in a PCA embedding; "
+        "flsec's default 10% leaves no test 7 in the tail at 300 test images) are held by the attackers only, "
+        "relabelled 0 (no trigger). "
         "ASR: for backdoors the share of non-0 test images stamped with the global trigger classified 0; "
         "for sybil flip the share of test 7s classified 0; for edge case the share of the test 7s as rare as the "
-        "training tail classified 0 (a handful of images at this test size). aggregation.f = number of attackers. "
+        "training tail classified 0 (only 2-7 test images per seed at this test size: each is 14-50% of that "
+        "ASR). aggregation.f = number of attackers. "
         "Mean ± sample std over seeds, in %.", "",
         f"![ASR at attack stop]({stem}_asr.png)", "",
         f"Durability, the same {meta['rounds'] - meta['attack_rounds']} rounds after the attack stopped:", "",
