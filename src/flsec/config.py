@@ -81,6 +81,8 @@ class TrainingConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     server_lr: float = Field(1.0, gt=0)
+    lr_decay: float = Field(1.0, gt=0, le=1, description="per-round factor of the local learning rate: round r "
+                            "trains with lr * lr_decay^(r - 1) (1: constant)")
     augment_crop: int = Field(0, ge=0, le=16, description="local training: random crop after zero padding by this "
                               "many pixels (4 is the usual CIFAR setting; 0: off)")
     augment_flip: bool = Field(False, description="local training: random horizontal flip of each image")

@@ -33,9 +33,11 @@ class LocalSpec:
     augment_flip: bool = False
 
     @classmethod
-    def from_training(cls, t: TrainingConfig) -> LocalSpec:
-        """The honest clients' local hyper-parameters of an experiment's ``[training]`` section."""
-        return cls(t.local_epochs, t.batch_size, t.lr, t.momentum, t.weight_decay, t.augment_crop, t.augment_flip)
+    def from_training(cls, t: TrainingConfig, round_: int = 1) -> LocalSpec:
+        """The honest clients' local hyper-parameters in round ``round_`` (1-based) of an experiment's
+        ``[training]`` section: the learning rate decays as ``lr * lr_decay^(round_ - 1)``."""
+        return cls(t.local_epochs, t.batch_size, t.lr * t.lr_decay ** (round_ - 1), t.momentum, t.weight_decay,
+                   t.augment_crop, t.augment_flip)
 
     def steps(self, num_samples: int) -> int:
         return self.epochs * -(-num_samples // self.batch_size)

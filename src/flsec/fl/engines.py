@@ -66,7 +66,8 @@ class VectorisedClients:
         self.chunk = fed.config.runtime.client_chunk
 
     def run(self, tasks: Sequence[ClientTask]) -> list[ClientReply]:
-        fed, spec = self.fed, self.fed.local_spec
+        fed = self.fed
+        spec = fed.round_spec(tasks[0].round) if tasks else fed.local_spec  # a round's tasks share one round
         replies: dict[int, ClientReply] = {}
         plain = []
         for task in tasks:
