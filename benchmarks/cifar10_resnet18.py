@@ -14,7 +14,7 @@ What runs (each a `flsec` command in a subprocess, so the numbers are what a use
 2. ``flsec invert --target gradient_b1 --all`` on the same checkpoint with the config's inversion
    settings: the batch-1 capture, the easy case, for comparison.
 
-The work folder is keyed by the overrides, so a re-run with the same ones resumes (``flsec run
+The work folder is keyed by the config file's text and the overrides, so a re-run with the same ones resumes (``flsec run
 --resume``: finished phases are kept) and different ones never mix. Phase seconds are wall-clock, taken
 when each phase's folder appears (polled every 2 s); CPU seconds are the children's. Writes
 ``benchmarks/results/cifar10_resnet18.md`` (or ``--out``); its last line is
@@ -111,7 +111,7 @@ def main() -> None:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    key = hashlib.sha256(json.dumps([str(args.config.resolve()), *sets]).encode()).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps([args.config.read_text(encoding="utf-8"), *sets]).encode()).hexdigest()[:10]
     work = args.work / key
     run_dir = work / "run"
     set_args = [a for s in sets for a in ("--set", s)]
