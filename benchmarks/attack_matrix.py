@@ -1,4 +1,4 @@
-"""Attack matrix: every registered aggregation rule against seven attacks, 2 and 4 attackers of 20, 3 seeds.
+"""Attack matrix: every registered aggregation rule against eight attacks, 2 and 4 attackers of 20, 3 seeds.
 
 Setting: configs/mnist_defense.toml (real MNIST from ../shared/data, 20 clients, Dirichlet(0.5), every
 client in every round, aggregation.f = the number of attackers), scaled to the compute budget: 2,000
@@ -51,6 +51,8 @@ ATTACKS: dict[str, dict[str, Any]] = {
     "Neurotoxin": {"kind": "neurotoxin", "local_epochs": 5},
     "DBA": {"kind": "dba", "boost": False},
     "sybil flip": {"kind": "sybil_label_flip", "boost": False},
+    # 30% of the training 7s as the tail: at 300 test images the default 10% leaves no test 7 in the tail.
+    "edge case": {"kind": "edge_case", "boost": False, "edge_case": {"tail_fraction": 0.3}},
 }
 ATTACKERS = [2, 4]
 BROKEN, DENTED = 0.5, 0.2  # mean ASR at attack stop: >= 50% breaks a rule, >= 20% dents it
@@ -144,10 +146,7 @@ READING = (
     "stopped it' (share near 0) from 'the attack is too weak here' (share at headcount, ASR still low: compare "
     "FedAvg under the same attack). Krum's column is meaningless for ASR (its model does not train; see Krum). "
     "The no-attack runs have f = 0, so Bulyan, Multi-Krum and Trimmed Mean are the plain mean there (equal "
-    "rows). The runs were trained at git a0f7535 (the result files were written later with --report-only). "
-    "Seeds: 0 and 1 for every cell; the third seed (2) only for bulyan, fedavg, fl_defender, flame, fltrust and "
-    "foolsgold (12 of its 14 cells): the run was stopped at the compute deadline (the machine was shared with "
-    "up to ten other processes on 2 cores), and the 'seeds' column gives each cell's count. "
+    "rows). {seeds} "
     "Every number is from the command above, except the follow-up quoted under Krum: "
     "`python benchmarks/attack_matrix_followup.py --threads 1` (Krum, Multi-Krum, norm clipping against PGD with "
     "eps_factor 0.25, seed 0, the same setting; it writes runs/attack_matrix_followup/results.csv)."
@@ -294,6 +293,16 @@ def dba_parts(out: Path, rows: list[dict[str, Any]], rules: list[str]) -> list[d
     return cells
 
 
+def seed_coverage(meta: dict[str, Any], cells: list[dict[str, Any]]) -> str:
+    """Which cells have every seed (the 'seeds' column gives each cell's count)."""
+    want = len(meta["seeds"])
+    short = [f"{c['rule']} / {c['attack']} ({c['attackers']}): {c['runs']}" for c in cells if c["runs"] < want]
+    if not short:
+        return f"Every cell has all {want} seeds {meta['seeds']}."
+    return (f"{len(short)} of {len(cells)} cells have fewer than {want} seeds (the run was stopped before they "
+            f"finished; re-running the command resumes them): " + "; ".join(short) + ".")
+
+
 def verdict(rule: str, cells: list[dict[str, Any]], clean: dict[str, Any], after: int) -> str:
     mine = [c for c in cells if c["rule"] == rule and c["runs"]]
     broken = [f"{c['attack']} ({c['attackers']})" for c in mine if c["asr_at_stop"][0] >= BROKEN]
@@ -325,14 +334,23 @@ def markdown(meta: dict[str, Any], report: dict[str, Any], stem: str) -> str:
         *([f"Overrides of configs/mnist_defense.toml for every run: {', '.join(f'`{kv}`' for kv in meta['overrides'])} "
            "(the defense table: batch 32, 20 rounds, 8,000 / 2,000 images).", ""] if meta.get("overrides") else []),
         f"Rules included (the aggregator registry at run time): {', '.join(rules)}.", "",
+        "Resume / finish: run the same command again in the same checkout. Every (rule, attack, attackers, seed) is "
+        "a run directory under `runs/attack_matrix` (`--work`); finished runs are skipped, an interrupted one "
+        "continues from its last round, and this file is rewritten from all finished runs (`--report-only` "
+        "rewrites it without training).", "",
         "Attacks (defaults of flsec unless stated): backdoor = 50% of each batch stamped and relabelled 0; boosted = "
         "the same, update scaled by n / (eta * attackers in the round); constrain+scale = Bagdasaryan et al.'s "
         "anomaly-evasion loss (alpha 0.9) and the same scaling, 5 local epochs; PGD = updates projected onto the L2 "
         "ball of the attacker's own honest update norm, 5 local epochs; Neurotoxin = gradients masked off the top 5% "
         "coordinates of the last global update, 5 local epochs; DBA = the trigger split into one row band per "
-        "attacker; sybil flip = every attacker trains on the same set, every training 7 relabelled 0. "
+        "attacker; sybil flip = every attacker trains on the same set, every training 7 relabelled 0; edge case = "
+        "Wang et al. 2020's tail backdoor: the rarest 30% of the training 7s (k-NN distance in a PCA embedding; "
+        "flsec's default 10% leaves no test 7 in the tail at 300 test images) are held by the attackers only, "
+        "relabelled 0 (no trigger). "
         "ASR: for backdoors the share of non-0 test images stamped with the global trigger classified 0; "
-        "for sybil flip the share of test 7s classified 0. aggregation.f = number of attackers. "
+        "for sybil flip the share of test 7s classified 0; for edge case the share of the test 7s as rare as the "
+        "training tail classified 0 (only 2-7 test images per seed at this test size: each is 14-50% of that "
+        "ASR). aggregation.f = number of attackers. "
         "Mean ± sample std over seeds, in %.", "",
         f"![ASR at attack stop]({stem}_asr.png)", "",
         f"Durability, the same {meta['rounds'] - meta['attack_rounds']} rounds after the attack stopped:", "",
@@ -357,7 +375,7 @@ def markdown(meta: dict[str, Any], report: dict[str, Any], stem: str) -> str:
         lines.append(f"| {c['rule']} | {c['attackers']} | {pct(c['at_stop'][0])} / {pct(c['at_end'][0])} | {parts} |")
     lines += ["", "## No attack", "", "| rule | MA | ASR (trigger on a clean model) |", "|---|---|---|"]
     lines += [f"| {r} | {pct(clean[r]['ma'])} | {pct(clean[r]['asr'])} |" for r in rules]
-    lines += ["", "## Reading this table", "", READING, "", "## Per defense", ""]
+    lines += ["", "## Reading this table", "", READING.format(seeds=seed_coverage(meta, cells)), "", "## Per defense", ""]
     for rule in rules:
         lines.append(f"**{rule}.** " + verdict(rule, cells, clean, meta["rounds"] - meta["attack_rounds"]))
         if rule in LITERATURE:

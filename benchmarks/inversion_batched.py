@@ -59,12 +59,14 @@ def captures(args: argparse.Namespace) -> Path:
     return run
 
 
-def measure(run: Path, settings: InversionSettings, batch: int, cpu_time: bool) -> dict[str, Any]:
+def measure(run: Path, settings: InversionSettings, batch: int, cpu_time: bool, device: torch.device) -> dict[str, Any]:
     clock = time.process_time if cpu_time else time.perf_counter
     with tempfile.TemporaryDirectory() as tmp:
         t0 = clock()
         report = run_inversion(run, Path(tmp) / "inv", every=True, settings=settings, batch_captures=batch,
-                               device=torch.device("cpu"))
+                               device=device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         seconds = clock() - t0
     s = report["summary"]
     psnr = {f"r{t['round']}_c{t['client']}": t["mean_psnr"] for t in report["targets"] if t["status"] == "ok"}
@@ -82,20 +84,22 @@ def main() -> None:
     ap.add_argument("--batch", nargs="*", type=int, default=[5, 10, 20])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cpu-time", action="store_true", help="time.process_time() instead of wall time")
+    ap.add_argument("--device", default="cpu", help="where the inversions run (the captures are trained on the CPU)")
     ap.add_argument("--work", default=str(ROOT / "runs" / "bench_inversion_batched"))
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "inversion_batched"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
     run = captures(args)
     settings = InversionSettings(iterations=args.iterations, tv_weight=args.tv, progress=False)
     # Warm-up (first-call costs of oneDNN and torch.func land on neither side).
     for b in (1, 2):
-        measure(run, InversionSettings(iterations=3, tv_weight=args.tv, progress=False), b, args.cpu_time)
+        measure(run, InversionSettings(iterations=3, tv_weight=args.tv, progress=False), b, args.cpu_time, device)
     load0 = os.getloadavg()
-    rows = [measure(run, settings, 1, args.cpu_time)]
+    rows = [measure(run, settings, 1, args.cpu_time, device)]
     print(f"one by one: {rows[0]['images_per_second']:.3f} images/s, PSNR {rows[0]['mean_psnr']:.2f} dB", flush=True)
     for b in args.batch:
-        rows.append(measure(run, settings, b, args.cpu_time))
+        rows.append(measure(run, settings, b, args.cpu_time, device))
         print(f"batch {b}: {rows[-1]['images_per_second']:.3f} images/s, PSNR {rows[-1]['mean_psnr']:.2f} dB", flush=True)
     load1 = os.getloadavg()
     ref = rows[0]
@@ -107,7 +111,8 @@ def main() -> None:
     command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).relative_to(ROOT)
                                                                    if Path(sys.argv[0]).is_absolute() else sys.argv[0]),
                                                                *sys.argv[1:]])
-    info = {**machine(), "threads": torch.get_num_threads(), "iterations": args.iterations, "tv": args.tv,
+    info = {**machine(), "device": str(device), "threads": torch.get_num_threads(),
+            "iterations": args.iterations, "tv": args.tv,
             "captures": ref["images"], "clock": "process_time (CPU seconds)" if args.cpu_time else "wall (perf_counter)",
             "load_average_before_after": [load0[0], load1[0]], "command": command}
     lines = ["| mode | images | seconds | images/s | speedup | mean PSNR (dB) | PSNR vs one-by-one | worst capture "
@@ -119,7 +124,8 @@ def main() -> None:
                      f"{r['max_capture_psnr_delta']:.2f} |")
     note = (f"\n\n`flsec invert --all` end to end (label inference, optimisation, scoring, outputs) on {ref['images']} "
             f"batch-1 gradient captures of real MNIST (McMahan et al. CNN, `configs/mnist_defense.toml` with 2,000 train "
-            f"images, iid, {args.clients} clients, all captured in rounds 1 and 2: each batch mixes two global models). "
+            f"images, iid, {args.clients} clients, all captured in rounds 1 and 2: each batch mixes two global models), "
+            f"inverted on {device}. "
             f"`geiping`, {args.iterations} signed-Adam steps, 1 restart, TV {args.tv:g}, seed 0 (every capture starts "
             f"from the same seeded image in both modes). {info['threads']} torch thread(s); clock: {info['clock']}; "
             f"load average {load0[0]:.2f} before, {load1[0]:.2f} after. Target (issue 13): >= 1.8x images/s at equal "

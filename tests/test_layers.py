@@ -181,6 +181,10 @@ def test_built_in_names_are_the_registries() -> None:
     for kind, registry in registries.items():
         own = sorted(n for n in registry.names() if registry.get(n).__module__.startswith("flsec."))
         assert own == sorted(BUILT_IN[kind]), f"flsec.registry.BUILT_IN[{kind!r}] must list {own}"
+    from flsec.models import has_width
+    from flsec.registry import BUILT_IN_WITH_WIDTH
+
+    assert sorted(BUILT_IN_WITH_WIDTH) == sorted(n for n in BUILT_IN["model"] if has_width(n))
 
 
 @pytest.mark.parametrize(("setting", "kind"), [("aggregation.name=zeno", "aggregator"), ("model.name=vgg", "model"),

@@ -58,3 +58,57 @@ def test_cifar_convnet_first_layer_learns_at_init() -> None:
     # The same forward in train and eval mode: no running statistics (what FL updates and inversion need).
     with torch.no_grad():
         assert torch.equal(model.train()(x), model.eval()(x))
+
+
+def resnet18_parameter_count(width: int, channels: int = 3, classes: int = 10) -> int:
+    """ResNet-18 (CIFAR variant, bias-free convolutions, one weight + bias per normalised channel) counted
+    layer by layer: the 3x3 stem, four stages of two basic blocks (1x1 projection shortcut where the shape
+    changes), the classifier."""
+    def conv(cin: int, cout: int, k: int) -> int:
+        return cin * cout * k * k + 2 * cout  # + the norm's affine weight and bias
+
+    total, cin = conv(channels, width, 3), width
+    for factor in (1, 2, 4, 8):
+        cout = factor * width
+        total += conv(cin, cout, 3) + conv(cout, cout, 3) + (conv(cin, cout, 1) if cin != cout else 0)
+        total += 2 * conv(cout, cout, 3)
+        cin = cout
+    return total + cin * classes + classes
+
+
+def test_resnet18_width_sets_parameter_count() -> None:
+    spec = SPECS["resnet18"]
+    counts = {w: sum(p.numel() for p in build_model("resnet18", spec, 0, width=w).parameters()) for w in (8, 16, 32)}
+    standard = sum(p.numel() for p in build_model("resnet18", spec, 0).parameters())
+    assert standard == resnet18_parameter_count(64) == 11_173_962  # the CIFAR ResNet-18's well-known count
+    assert standard == sum(p.numel() for p in build_model("resnet18", spec, 0, width=64).parameters())
+    for w, n in counts.items():
+        assert n == resnet18_parameter_count(w), w
+    assert 3.9 < counts[32] / counts[16] < 4.0 and 3.9 < counts[16] / counts[8] < 4.0  # ~ width squared
+
+
+def test_resnet18_groups_keep_two_channels_per_group() -> None:
+    from flsec.models.resnet import norm_groups
+
+    assert [norm_groups(c) for c in (64, 128, 256, 512)] == [32, 32, 32, 32]  # the standard net: 32 groups
+    assert [norm_groups(c) for c in (8, 16, 24, 32, 48)] == [4, 8, 4, 16, 8]
+    model = build_model("resnet18", SPECS["resnet18"], 0, width=16)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 1 + 4 * 2 * 2 + 3  # stem, two per block, three projection shortcuts
+    assert all(m.num_channels % m.num_groups == 0 and m.num_channels // m.num_groups >= 2 for m in norms)
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # no running statistics: train and eval mode compute the same function
+        assert torch.equal(model.train()(x), model.eval()(x))
+
+
+def test_width_is_refused_where_it_does_not_apply() -> None:
+    from flsec.config import build_config
+    from flsec.errors import ConfigError
+
+    assert build_config({"model": {"name": "resnet18", "width": 16}}).model.width == 16
+    with pytest.raises(ConfigError, match=r"^model.width: model 'cifar_convnet' has no width option; models with one: "
+                                          r"resnet18$"):
+        build_config({"model": {"name": "cifar_convnet", "width": 16}})
+    for bad in (0, 15, 2048):
+        with pytest.raises(ConfigError, match=rf"^model.width: {bad} is not allowed; allowed: an even number in 2..1024$"):
+            build_config({"model": {"name": "resnet18", "width": bad}})

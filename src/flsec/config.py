@@ -48,11 +48,27 @@ class DataConfig(_Section):
 
 class ModelConfig(_Section):
     name: str = "digits_cnn"
+    width: int | None = Field(None, description="base channel count of a model that has one (resnet18: 64 is the "
+                                                "standard net); an even number >= 2; default: the model's standard")
 
     @field_validator("name")
     @classmethod
     def _known_model(cls, v: str) -> str:
         return _registered("model", v)
+
+    @model_validator(mode="after")
+    def _width_fits(self) -> ModelConfig:
+        from flsec.registry import BUILT_IN, BUILT_IN_WITH_WIDTH
+
+        if self.width is None:
+            return self
+        if self.name in BUILT_IN["model"] and self.name not in BUILT_IN_WITH_WIDTH:
+            # A plug-in model without a width parameter is refused where models are built.
+            raise ValueError(f"model.width: model '{self.name}' has no width option; models with one: "
+                             f"{', '.join(BUILT_IN_WITH_WIDTH)}")
+        if self.width < 2 or self.width % 2 or self.width > 1024:
+            raise ValueError(f"model.width: {self.width} is not allowed; allowed: an even number in 2..1024")
+        return self
 
 
 class TrainingConfig(_Section):
@@ -67,6 +83,11 @@ class TrainingConfig(_Section):
     server_lr: float = Field(1.0, gt=0)
     exclude_clients: list[int] = Field(default_factory=list, description="clients that never take part (e.g. a "
                                        "retraining baseline without the suspects); rounds select among the others")
+    lr_decay: float = Field(1.0, gt=0, le=1, description="per-round factor of the local learning rate: round r "
+                            "trains with lr * lr_decay^(r - 1) (1: constant)")
+    augment_crop: int = Field(0, ge=0, le=16, description="local training: random crop after zero padding by this "
+                              "many pixels (4 is the usual CIFAR setting; 0: off)")
+    augment_flip: bool = Field(False, description="local training: random horizontal flip of each image")
 
 
 class TriggerConfig(_Section):

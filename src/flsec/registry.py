@@ -71,6 +71,9 @@ BUILT_IN: dict[str, tuple[str, ...]] = {
     "suspect detector": ("cosine", "norm", "norm_cosine", "rule"),
 }
 
+#: The built-in models that take a ``width`` (base channel count) argument.
+BUILT_IN_WITH_WIDTH: tuple[str, ...] = ("resnet18",)
+
 
 def known_names(kind: str) -> list[str]:
     """Every name of family ``kind`` a configuration may use: the built-ins and whatever plug-ins have

@@ -21,7 +21,7 @@ in ``ClientTask.knowledge``, so it works wherever the clients run.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -154,8 +154,7 @@ class Attack:
     def local_spec(self, spec: LocalSpec) -> LocalSpec:
         """The attackers' local hyper-parameters (``attack.local_epochs`` / ``attack.lr`` where set)."""
         a = self.config.attack
-        return LocalSpec(a.local_epochs or spec.epochs, spec.batch_size, a.lr or spec.lr, spec.momentum,
-                         spec.weight_decay)
+        return replace(spec, epochs=a.local_epochs or spec.epochs, lr=a.lr or spec.lr)
 
     def hooks(self, client: int, round_: int, spec: LocalSpec, knowledge: Knowledge) -> AttackHooks | None:
         """How the attack changes the client's local optimisation (None: plain SGD)."""

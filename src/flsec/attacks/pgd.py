@@ -90,16 +90,15 @@ class ProjectionHooks(AttackHooks):
 class NormBoundedBackdoor(BackdoorAttack):
     name = "pgd"
 
-    def honest_spec(self) -> LocalSpec:
-        t = self.config.training
-        return LocalSpec(t.local_epochs, t.batch_size, t.lr, t.momentum, t.weight_decay)
+    def honest_spec(self, round_: int) -> LocalSpec:
+        return LocalSpec.from_training(self.config.training, round_)
 
     def honest_norm(self, client: int, round_: int, norm: str) -> Callable[[nn.Module], float]:
         """The norm of the update the client would send if it were honest, from the model's weights."""
 
         def reference(model: nn.Module) -> float:
             x, y = self.shard(client)
-            spec = self.honest_spec()
+            spec = self.honest_spec(round_)
             honest = copy.deepcopy(model)
             batches = client_batches(x, y, spec, generator(self.config.seed, round_, client, ATTACK_STREAM))
             return self.config.attack.pgd.eps_factor * update_norm(local_train_on(honest, batches, spec).update, norm)

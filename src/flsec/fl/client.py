@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flsec.data.augment import crop_flip
 from flsec.fl.params import get_flat
 from flsec.runtime import autocast
+
+if TYPE_CHECKING:
+    from flsec.config import TrainingConfig
 
 BatchTransform = Callable[[torch.Tensor, torch.Tensor, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
@@ -24,6 +29,15 @@ class LocalSpec:
     lr: float
     momentum: float = 0.0
     weight_decay: float = 0.0
+    augment_crop: int = 0
+    augment_flip: bool = False
+
+    @classmethod
+    def from_training(cls, t: TrainingConfig, round_: int = 1) -> LocalSpec:
+        """The honest clients' local hyper-parameters in round ``round_`` (1-based) of an experiment's
+        ``[training]`` section: the learning rate decays as ``lr * lr_decay^(round_ - 1)``."""
+        return cls(t.local_epochs, t.batch_size, t.lr * t.lr_decay ** (round_ - 1), t.momentum, t.weight_decay,
+                   t.augment_crop, t.augment_flip)
 
     def steps(self, num_samples: int) -> int:
         return self.epochs * -(-num_samples // self.batch_size)
@@ -60,12 +74,20 @@ class TrainingHooks:
 
 def client_batches(x: torch.Tensor, y: torch.Tensor, spec: LocalSpec, generator: torch.Generator,
                    transform: BatchTransform | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """A client's mini-batches in training order: a fresh permutation per epoch, and the batch
-    transform (e.g. backdoor poisoning) drawing from the same generator, batch after batch."""
+    """A client's mini-batches in training order: a fresh permutation per epoch, then per batch the
+    augmentation of ``spec`` (:func:`flsec.data.augment.crop_flip`; nothing is drawn when it is off) and
+    the batch transform (e.g. backdoor poisoning), all drawing from the same generator, batch after batch.
+
+    A trigger is stamped after augmentation: the patch sits where the test-time trigger sits (a crop
+    would move it by up to ``augment_crop`` pixels and a flip would mirror it to the other corner, and
+    the ASR is measured on un-augmented test images), as in the usual backdoor code (poisoning the
+    batch the data loader's augmenting transforms produced, e.g. Xie et al. 2020, DBA)."""
     for _ in range(spec.epochs):
         order = torch.randperm(len(y), generator=generator)
         for idx in order.split(spec.batch_size):
             xb, yb = x[idx], y[idx]
+            if spec.augment_crop or spec.augment_flip:
+                xb = crop_flip(xb, spec.augment_crop, spec.augment_flip, generator)
             if transform is not None:
                 xb, yb = transform(xb, yb, generator)
             yield xb, yb

@@ -77,7 +77,8 @@ class VectorisedClients:
         self.chunk = fed.config.runtime.client_chunk
 
     def run(self, tasks: Sequence[ClientTask]) -> list[ClientReply]:
-        fed, spec = self.fed, self.fed.local_spec
+        fed = self.fed
+        spec = fed.round_spec(tasks[0].round) if tasks else fed.local_spec  # a round's tasks share one round
         replies: dict[int, ClientReply] = {}
         plain = []
         for task in tasks:
@@ -107,7 +108,8 @@ def choose_engine(fed: Federation) -> str:
     sequential also for models the vectorised engine cannot train and for one client per round."""
     if fed.runtime.device.type == "cpu" or fed.config.clients_per_round == 1:
         return "sequential"
-    if unsupported_reason(build_model(fed.config.model.name, fed.spec, fed.config.seed)) is not None:
+    model = build_model(fed.config.model.name, fed.spec, fed.config.seed, fed.config.model.width)
+    if unsupported_reason(model) is not None:
         return "sequential"
     return "vectorised"
 

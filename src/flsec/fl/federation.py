@@ -76,6 +76,9 @@ class Federation:
         data = data.subset(config.data.train_size, config.data.test_size, config.seed)
         root = None
         if uses_root_data(config.aggregation.name):
+            if config.training.lr_decay != 1:
+                raise ConfigError(f"training.lr_decay: must be 1 with aggregation.name = '{config.aggregation.name}' "
+                                  "(its server update on the root data trains with the undecayed training.lr)")
             data, root = take_root_data(data, config.aggregation.root_size, config.seed)
         for field_name, label in (("target_label", config.attack.target_label),
                                   ("source_label", config.attack.source_label)):
@@ -95,17 +98,21 @@ class Federation:
 
     def new_model(self) -> nn.Module:
         """The experiment's model at its seeded initial weights, on the run's device and memory format."""
-        return self.runtime.place(build_model(self.config.model.name, self.spec, self.config.seed))
+        return self.runtime.place(build_model(self.config.model.name, self.spec, self.config.seed,
+                                              self.config.model.width))
 
     @property
     def local_spec(self) -> LocalSpec:
-        """The honest clients' local hyper-parameters."""
-        t = self.config.training
-        return LocalSpec(t.local_epochs, t.batch_size, t.lr, t.momentum, t.weight_decay)
+        """The honest clients' local hyper-parameters in round 1."""
+        return self.round_spec(1)
+
+    def round_spec(self, round_: int) -> LocalSpec:
+        """The honest clients' local hyper-parameters in ``round_`` (``training.lr_decay`` applied)."""
+        return LocalSpec.from_training(self.config.training, round_)
 
     def client_spec(self, client: int, round_: int) -> LocalSpec:
         """The local hyper-parameters the client trains with in this round (an attacker may use its own)."""
-        spec = self.local_spec
+        spec = self.round_spec(round_)
         return self.attack.local_spec(spec) if self.attacking(client, round_) else spec
 
     def client_data(self, client: int, round_: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -155,7 +155,8 @@ def finish_client(fed: Federation, task: ClientTask, job: ClientJob, res: LocalR
             truth["update/images"], truth["update/labels"] = job.x, job.y
         meta = {"malicious": c in fed.malicious, "attacking": fed.attacking(c, r), "num_samples": len(job.y),
                 "epochs": spec.epochs, "batch_size": spec.batch_size, "lr": spec.lr,
-                "momentum": spec.momentum, "weight_decay": spec.weight_decay, "steps": res.steps,
+                "momentum": spec.momentum, "weight_decay": spec.weight_decay, "augment_crop": spec.augment_crop,
+                "augment_flip": spec.augment_flip, "steps": res.steps,
                 "boost_factor": gamma, "local_seed": job.seed, "attack": fed.config.attack.kind,
                 **({f"attack_{k}": v for k, v in job.hooks.info().items()} if isinstance(job.hooks, AttackHooks) else {})}
         capture = CaptureRecord(sent, truth, meta)

@@ -4,8 +4,8 @@ For a FedSGD gradient, ``evaluation_only/`` holds the exact batch. For a FedAvg 
 the client's images and labels *before* poisoning; an attacker's update was computed on batches
 where a random share of images was stamped and relabelled. The batches of the client's first
 epoch are regenerated here exactly as the client drew them (same generator seed, same order of
-draws as :func:`flsec.fl.client.client_batches` with the backdoor transform), so each of the N
-images is scored in the form the update saw it first, with its poisoned flag.
+draws as :func:`flsec.fl.client.client_batches` with the client's augmentation and the backdoor
+transform), so each of the N images is scored in the form the update saw it first, with its poisoned flag.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def capture_truth(ckpt: Checkpoint, round_: int, client: int, kind: str,
         flags.append(mask)
         return xp, yp
 
-    spec = LocalSpec(1, int(meta["batch_size"]), float(meta["lr"]))
+    spec = LocalSpec(1, int(meta["batch_size"]), float(meta["lr"]), augment_crop=int(meta.get("augment_crop", 0)),
+                     augment_flip=bool(meta.get("augment_flip", False)))
     batches = list(client_batches(x, y, spec, torch.Generator().manual_seed(int(meta["local_seed"])), poison))
     return (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]), torch.cat(flags))

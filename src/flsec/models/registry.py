@@ -3,6 +3,7 @@ triggers and inversion all work in pixel space."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from flsec.errors import ConfigError
 from flsec.registry import Registry
 
 
@@ -39,12 +41,21 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
-def build_model(name: str, spec: InputSpec, seed: int) -> nn.Module:
-    """Instantiate a registered model with deterministic initial weights."""
+def has_width(name: str) -> bool:
+    """Whether model ``name`` takes a ``width`` (base channel count) argument."""
+    return "width" in inspect.signature(MODELS.get(name)).parameters
+
+
+def build_model(name: str, spec: InputSpec, seed: int, width: int | None = None) -> nn.Module:
+    """Instantiate a registered model with deterministic initial weights; ``width`` (None: the
+    model's standard) for the models that take one (:func:`has_width`)."""
     factory = MODELS.get(name)
+    if width is not None and not has_width(name):
+        raise ConfigError(f"model.width: model '{name}' has no width option; models with one: "
+                          f"{', '.join(n for n in MODELS.names() if has_width(n)) or 'none'}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = factory(spec)
+        model = factory(spec) if width is None else factory(spec, width=width)  # type: ignore[call-arg]
     return model
 
 

@@ -51,7 +51,7 @@ class Checkpoint:
                          tuple(spec["mean"]), tuple(spec["std"]))
 
     def new_model(self) -> nn.Module:
-        return build_model(self.config.model.name, self.input_spec(), self.config.seed)
+        return build_model(self.config.model.name, self.input_spec(), self.config.seed, self.config.model.width)
 
     def build_model(self, weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """The run's model architecture holding ``weights`` (default: the final global weights)."""
