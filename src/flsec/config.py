@@ -358,6 +358,11 @@ class UnlearningConfig(_Section):
                             "Neural Cleanse on the carriers for the target the reconstructions point at (reverse), or "
                             "auto = verification, then reverse when the reconstructions show no trigger")
     reverse_steps: int = Field(300, ge=1, description="Neural Cleanse: optimisation steps per reversed class")
+    reverse_references: int = Field(3, ge=1, description="guided Neural Cleanse: classes reversed for reference "
+                                                        "beside the candidate targets")
+    reverse_ratio: float = Field(0.6, gt=0, le=1, description="guided Neural Cleanse: a candidate target is accepted "
+                                 "when its trigger mask is at most this fraction of the smallest reference mask "
+                                 "(8x8 digits: backdoor 0.55, clean classes >= 0.9; MNIST: backdoor <= 0.1)")
 
 
 class FlowerConfig(_Section):

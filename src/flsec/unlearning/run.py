@@ -37,7 +37,7 @@ from flsec.runtime import resolve_device
 from flsec.unlearning.carriers import Carriers, build_carriers, root_set
 from flsec.unlearning.finetune import FinetuneSettings, corrective_unlearning, plain_finetune
 from flsec.unlearning.reverse import ReverseSettings, neural_cleanse
-from flsec.unlearning.trigger import estimate_backdoor
+from flsec.unlearning.trigger import GuidedSettings, estimate_backdoor
 from flsec.unlearning.verify import TriggerEstimate, mask_iou
 
 
@@ -150,8 +150,9 @@ def _run_unlearning(checkpoint: Path, images: Path, out: Path, settings: Finetun
 
     source = trigger_source or cfg.unlearning.trigger_source
     reverse = ReverseSettings(steps=cfg.unlearning.reverse_steps, seed=settings.seed)
+    guided = GuidedSettings(cfg.unlearning.reverse_references, cfg.unlearning.reverse_ratio)
     est, ver_report = estimate_backdoor(model, x.to(device), y.to(device), carriers.images.to(device),
-                                        spec.num_classes, source, reverse)
+                                        spec.num_classes, source, reverse, guided)
     holdings = defender_holdings(cfg, Path(images), rec["sources"], len(x), carriers, est,
                                  ver_report.get("trigger_source"))
     result: dict[str, Any] = {"checkpoint": str(checkpoint), "images": str(images), "verification": ver_report,

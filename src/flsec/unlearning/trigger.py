@@ -37,7 +37,7 @@ TRIGGER_SOURCES = ("auto", "verification", "reverse")
 @dataclass(frozen=True)
 class GuidedSettings:
     references: int = 3
-    ratio: float = 0.5
+    ratio: float = 0.6
 
 
 def target_candidates(labels: torch.Tensor, num_classes: int, suggested: int | None, most: int = 2) -> list[int]:
@@ -101,10 +101,11 @@ def flip_rate(model: nn.Module, x: torch.Tensor, est: TriggerEstimate, target: i
 
 
 def estimate_backdoor(model: nn.Module, recon: torch.Tensor, labels: torch.Tensor, carriers: torch.Tensor,
-                      num_classes: int, source: str, reverse: ReverseSettings
+                      num_classes: int, source: str, reverse: ReverseSettings, guided: GuidedSettings | None = None
                       ) -> tuple[TriggerEstimate | None, dict[str, Any]]:
     """The trigger estimate (its clean fill taken from ``carriers``) and the verification report
-    (see the module docstring for ``source``; ``reverse``: Neural Cleanse's settings)."""
+    (see the module docstring for ``source``; ``reverse``: Neural Cleanse's settings; ``guided``:
+    the candidate test's)."""
     if source not in TRIGGER_SOURCES:
         raise ValueError(f"unlearning.trigger_source: unknown '{source}'; allowed: {', '.join(TRIGGER_SOURCES)}")
     report: dict[str, Any] = {}
@@ -118,7 +119,8 @@ def estimate_backdoor(model: nn.Module, recon: torch.Tensor, labels: torch.Tenso
             est = replace(ver.estimate, fill=carriers.mean(dim=0)) if carriers is not recon else ver.estimate
     if est is None and source in ("auto", "reverse"):
         candidates = target_candidates(labels, num_classes, suggested)
-        target, est, rev = guided_reverse(model, carriers, labels, num_classes, candidates, reverse, GuidedSettings())
+        target, est, rev = guided_reverse(model, carriers, labels, num_classes, candidates, reverse,
+                                         guided or GuidedSettings())
         report = {**report, "reverse_engineering": rev}
         if est is not None and target is not None:
             report.update({"trigger_source": "guided_neural_cleanse", "suspected_target": target,
@@ -128,6 +130,6 @@ def estimate_backdoor(model: nn.Module, recon: torch.Tensor, labels: torch.Tenso
                            "carriers_flipped_by_estimated_trigger": flip_rate(model, carriers, est, target)})
         else:
             report["backdoor_found"] = False
-            report.setdefault("reason", rev.get("reason"))
+            report["reason"] = "; ".join(r for r in (report.get("reason"), rev.get("reason")) if r)
     report.setdefault("reconstructions", len(recon))
     return est, report
