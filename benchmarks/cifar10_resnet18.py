@@ -1,5 +1,5 @@
 """ResNet-18 on the CIFAR-10 subset through all three phases, on a CPU: train under a boosted backdoor,
-invert the attacker's FedAvg update (the realistic path) and a batch-1 gradient capture, verify and unlearn.
+invert the suspects' FedAvg updates (the realistic path) and a batch-1 gradient capture, verify and unlearn.
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/cifar10_resnet18.py [--set key=value ...]
 
@@ -9,8 +9,9 @@ What runs (each a `flsec` command in a subprocess, so the numbers are what a use
    ``capture.mode = "cooperative"``, ``capture.gradient_batch_sizes = [1]`` and ``inversion.target =
    "update"``: training is unchanged by this (the extra FedSGD gradient of one batch-1 sample of the
    captured client is computed on the global model with its own seed stream), phase 2 inverts only the
-   captured FedAvg updates (what a real server holds), and phase 3 verifies and unlearns from those
-   reconstructions.
+   FedAvg updates the server kept (those of the clients its detector suspected: what a real server
+   holds), and phase 3 reads the target from those reconstructions and unlearns on the config's
+   carriers (synthetic: no clean data).
 2. ``flsec invert --target gradient_b1 --all`` on the same checkpoint with the config's inversion
    settings: the batch-1 capture, the easy case, for comparison.
 
@@ -91,6 +92,17 @@ def run_phases(cmd: list[str], run_dir: Path) -> dict[str, dict[str, float | Non
 
     return {"train": span(start, train_end), "invert_update": span(train_end, invert_end),
             "unlearn": span(invert_end, end)}
+
+
+def _before_attack(history: list[dict[str, Any]], attack_rounds: list[int]) -> list[str]:
+    """A line on the MA the federation reached before its first attack round (and at best)."""
+    first = min(attack_rounds) if attack_rounds else None
+    clean = [h for h in history if first is None or h["round"] < first]
+    if not clean:
+        return []
+    best = max(clean, key=lambda h: h["ma"])
+    return [f"MA before the first attack round: {pct(clean[-1]['ma'])} (round {clean[-1]['round']}); best "
+            f"{pct(best['ma'])} (round {best['round']}).", ""]
 
 
 def main() -> None:
@@ -190,13 +202,15 @@ def render(cfg: Any, command: str, sets: list[str], work: Path, history: list[di
         f"`{cfg.capture.mode}`, rounds {cfg.capture.rounds}, clients {cfg.capture.clients}. Inversion "
         f"`{cfg.inversion.method}`, {cfg.inversion.iterations} iterations, TV {cfg.inversion.tv_weight}, at most "
         f"{cfg.inversion.max_images} images per update. Unlearning: {cfg.unlearning.steps} steps, trigger source "
-        f"`{cfg.unlearning.trigger_source}`, baselines {cfg.unlearning.baselines}. Seed {cfg.seed}.", "",
+        f"`{cfg.unlearning.trigger_source}`, carriers `{cfg.carriers}`, baselines {cfg.unlearning.baselines}. "
+        f"Seed {cfg.seed}.", "",
         "## Phase 1: training under the backdoor", "",
         f"MA after rounds 1-{len(history)}: {curve(history, 'ma')}.  ",
         f"ASR after rounds 1-{len(history)}: {curve(history, 'asr')}.", "",
+        *_before_attack(history, a.rounds or []),
         "## Phase 2: inversion", "",
         "| capture | size | mean PSNR | SSIM | label accuracy | trigger correlation |", "|---|---|---|---|---|---|",
-        *_inversion_rows("attacker's FedAvg update (realistic)", update),
+        *_inversion_rows("suspects' FedAvg updates (realistic)", update),
         *_inversion_rows("batch-1 FedSGD gradient (cooperative)", b1), "",
         "## Phase 3: verification and unlearning", ""]
     before = after = None

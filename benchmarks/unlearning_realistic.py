@@ -32,10 +32,11 @@ from flsec.unlearning.run import run_unlearning, settings_from
 from provenance import ROOT, cpu_name, default_data_dir, git_commit
 
 #: Targets per config file name: (carriers, ASR after at most, MA loss at most in points).
-TARGETS = {"mnist_realistic.toml": {"root": (0.02, 0.5), "root_true_labels": (0.02, 0.5), "synthetic": (0.05, 1.5)}}
+TARGETS = {"mnist_realistic.toml": {"root": (0.02, 0.5), "root_distilled": (0.02, 0.5), "synthetic": (0.05, 1.5)}}
 #: The carrier variants of phase 3: name -> (unlearning.carriers, unlearning.root_labels).
-VARIANTS = {"reconstructions": ("reconstructions", None), "root": ("root", "model"),
-            "root_true_labels": ("root", "true"), "synthetic": ("synthetic", None)}
+#: ``root`` uses the root set's labels (the default), ``root_distilled`` the model's outputs.
+VARIANTS = {"reconstructions": ("reconstructions", None), "root": ("root", "true"),
+            "root_distilled": ("root", "model"), "synthetic": ("synthetic", None)}
 
 
 def pct(x: float | None) -> str:
@@ -72,7 +73,9 @@ def run_seed(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
     return {"seed": cfg.seed, "metrics": metrics, "history": history, "inversion": inv["summary"],
             "inverted": [{k: t.get(k) for k in ("round", "client", "suspicion", "malicious_client", "num_samples",
                                                    "mean_psnr", "label_accuracy")} for t in inv["targets"]],
-            "training_seconds": sum(meta.get("seconds_per_round", [])), "seconds": seconds}
+            "training_seconds": sum(meta.get("seconds_per_round", [])),
+            "inversion_seconds": (inv["summary"].get("seconds_per_image") or 0.0) * (inv["summary"].get("images") or 0),
+            "seconds": seconds}
 
 
 def detection(history: list[dict[str, Any]]) -> tuple[float | None, float | None]:
@@ -99,18 +102,18 @@ def section(name: str, cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> tup
         asr_after = [m["after"]["asr"] for m in rows]
         loss = [m["before"]["ma"] - m["after"]["ma"] for m in rows]
         goal = targets.get(kind)
-        met = None
+        met, meeting = None, 0
         if goal:
             met = statistics.fmean(asr_after) <= goal[0] and statistics.fmean(loss) <= goal[1] / 100
+            meeting = sum(a <= goal[0] and b <= goal[1] / 100 for a, b in zip(asr_after, loss, strict=True))
             checks[kind] = {"asr_after_max": goal[0], "ma_loss_max_points": goal[1], "met_on_mean": met,
-                            "seeds_meeting": sum(a <= goal[0] and b <= goal[1] / 100
-                                                 for a, b in zip(asr_after, loss, strict=True))}
+                            "seeds_meeting": meeting}
         lines.append(f"| {kind} | {rows[0]['defender_holdings']['clean_images']} | "
                      f"{mean_std([m['before']['asr'] for m in rows])} | {mean_std(asr_after)} | "
                      f"{mean_std([m['before']['ma'] for m in rows])} | {mean_std([m['after']['ma'] for m in rows])} | "
                      f"{mean_std(loss)} | "
-                     + (f"ASR <= {100 * goal[0]:g}%, MA loss <= {goal[1]:g} | {'yes' if met else '**no**'} |" if goal
-                        else "reported | - |"))
+                     + (f"ASR <= {100 * goal[0]:g}%, MA loss <= {goal[1]:g} | {'yes' if met else '**no**'} on the "
+                        f"mean; {meeting}/{len(rows)} seeds |" if goal else "reported | - |"))
     base = [r["metrics"][cfg.carriers] for r in runs]
     lines += ["", "Baselines (mean +/- std over seeds; the same unlearning steps):", "",
               "| baseline | what it needs | ASR (%) | MA (%) |", "|---|---|---|---|"]
@@ -125,7 +128,7 @@ def section(name: str, cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> tup
                          f"{mean_std([m['ma'] for m in rows])} |")
     lines += ["", "Per seed:", "", "| seed | suspects precision / recall | inverted (round, client: suspicion) | "
               "PSNR (dB) | labels | target found (source) | mask IoU | " + " | ".join(
-                  f"{k}: ASR / MA" for k in VARIANTS) + " | seconds (pipeline) |", "|---|---|---|---|---|---|---|"
+                  f"{k}: ASR / MA" for k in VARIANTS) + " | seconds: training / inversion |", "|---|---|---|---|---|---|---|"
               + "---|" * len(VARIANTS) + "---|"]
     for r in runs:
         p, rc = detection(r["history"])
@@ -139,7 +142,7 @@ def section(name: str, cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> tup
         lines.append(f"| {r['seed']} | {pct(p)} / {pct(rc)} | {inverted} | {s.get('mean_psnr') or 0:.2f} | "
                      f"{pct(s.get('label_accuracy'))} | {v.get('suspected_target')} (true {v.get('true_target')}; "
                      f"{v.get('trigger_source')}) | {'-' if iou is None else f'{iou:.2f}'} | {cells} | "
-                     f"{r['seconds']['pipeline']:.0f} |")
+                     f"{r['training_seconds']:.0f} / {r['inversion_seconds']:.0f} |")
     held = base[0]["defender_holdings"]
     lines += ["", f"What the defender held (seed {runs[0]['seed']}, {cfg.carriers} carriers): {held['summary']}.",
               f"How the captures were chosen: {held['captures_chosen']}."]

@@ -186,3 +186,14 @@ def test_ctrl_c_during_train_stops_it_even_when_started_in_the_background(tmp_pa
     assert 1 <= kept < 200
     assert line.startswith(f"interrupted: rounds 1-{kept} of 200 are saved in {out}; continue with: flsec train ")
     assert line.endswith(" --resume")
+
+
+@pytest.mark.parametrize(("flag", "value", "allowed"), [("--carriers", "clean", "reconstructions, root, synthetic"),
+                                                         ("--root-labels", "oracle", "model, true")])
+def test_unlearn_refuses_an_unknown_carrier_choice(flag: str, value: str, allowed: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str],
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    code, _, err = run(["unlearn", "--checkpoint", str(tmp_path / "run"), "--images", str(tmp_path / "inv"),
+                        "--out", str(tmp_path / "out"), flag, value], capsys, monkeypatch)
+    assert_clean_failure(code, err, rf"^error: {flag}: unknown '{value}'; allowed: {allowed}$")
+    assert not (tmp_path / "out").exists()

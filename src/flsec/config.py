@@ -343,11 +343,11 @@ class UnlearningConfig(_Section):
                           "all); default: reconstructions with the cooperative capture, synthetic with the realistic")
     root_size: int = Field(100, ge=1, description="carriers = root: clean training images the server holds (the same "
                                                   "seeded draw as FLTrust's root set)")
-    root_labels: Literal["model", "true"] = Field(
-        "model", description="carriers = root: targets of both terms; model = the pre-unlearning model's outputs "
-                             "(distillation, as for the other carriers: keeps a good model's accuracy), true = the "
-                             "root set's own labels (cross-entropy, Neural Cleanse's unlearning step: repairs a model "
-                             "the attack damaged, costs a well-trained one about 2 points on MNIST)")
+    root_labels: Literal["true", "model"] = Field(
+        "true", description="carriers = root: targets of both terms; true = the root set's own labels (cross-entropy: "
+                            "Neural Cleanse's unlearning step with correctly labelled clean images; repairs a model "
+                            "the attack damaged, costs a well-trained MNIST model up to 2 points), model = the "
+                            "pre-unlearning model's outputs (distillation, as for the other carriers)")
     synthetic: SyntheticCarriersConfig = SyntheticCarriersConfig()
     baselines: bool = Field(True, description="also run the baselines: Neural Cleanse on the model alone, fine-tuning on "
                                               "clean images, retraining without the suspects and without the attackers")

@@ -11,6 +11,9 @@ original model on the clean reconstructions retains the main task:
 where x are the carriers (:mod:`flsec.unlearning.carriers`: reconstructions, a clean root set or
 synthesised images) with the trigger region filled by their clean reference. Matching the whole
 output distribution (rather than a hard label) keeps the clean class and its uncertainty. The
+With a labelled root set (``unlearning.root_labels = "true"``, the default for root carriers) the
+target of both terms is the true one-hot label instead of f_orig's output (Neural Cleanse's own
+unlearning step, Wang et al. 2019 Sec. VI-C). The
 division by 1 + lambda makes lambda (``retention_weight``, default 3) the balance of the two terms
 without changing the step size: unnormalised, lambda = 10 at lr 0.01 threw a 98%-accurate MNIST
 model to 9% (benchmarks/results/unlearning_realistic.md).
