@@ -103,3 +103,19 @@ def test_report_names_the_paper_of_the_run_defense(trained_run: Path, tmp_path: 
 def test_report_of_an_unknown_rule_names_it_without_a_paper() -> None:
     assert _defense("my_plugin_rule") == "my_plugin_rule: not a registered aggregation rule in this installation " \
                                          "(no description)."
+
+
+def test_report_says_how_guided_neural_cleanse_found_the_target(run_dir: Path) -> None:
+    """A target found by Neural Cleanse guided by the reconstructions' labels is reported as such,
+    with the candidates, the ratio and the flip rates (not as a verification on suspects)."""
+    _write(run_dir / "unlearn" / "metrics.json",
+           {"verification": {"reconstructions": 32, "backdoor_found": True, "trigger_source": "guided_neural_cleanse",
+                             "suspected_target": 0, "true_target": 0, "suspects": None,
+                             "reverse_engineering": {"candidates": [0, 8], "ratio": 0.6},
+                             "clean_reconstructions_flipped_by_estimated_trigger": 0.5,
+                             "carriers_flipped_by_estimated_trigger": 0.75, "mask_iou_with_true_trigger": 0.44},
+            "carriers": "synthetic", "before": {"ma": 0.975, "asr": 0.99}, "after": {"ma": 0.969, "asr": 0.03}})
+    page = write_report(run_dir).read_text()
+    assert "0 of 32 carry a universal one" in page and "their labels point at [0, 8]" in page
+    assert "at most 0.6 times" in page and "flips 50.00%" in page and "on the carriers 75.00%" in page
+    assert "None of" not in page

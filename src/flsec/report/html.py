@@ -170,7 +170,19 @@ def _unlearning(run_dir: Path, cfg: Any) -> dict[str, Any] | None:
     v = _get(u, "verification", path, dict)
     out: dict[str, Any] = {"reconstructions": v.get("reconstructions"), "found": None, "reason": v.get("reason", ""),
                            "summary": "", "figures": [], "notes": []}
-    if "suspected_target" in v:
+    if "suspected_target" in v and v.get("trigger_source") == "guided_neural_cleanse":
+        rev = v.get("reverse_engineering") or {}
+        out["found"] = bool(v.get("backdoor_found"))
+        out["summary"] = (
+            f"suspected target {v.get('suspected_target')} (true {v.get('true_target')}). The reconstructions show "
+            f"no trigger themselves ({v.get('suspects') or 0} of {v.get('reconstructions')} carry a universal one), but "
+            f"their labels point at {rev.get('candidates')}; Neural Cleanse reversed on the carriers for those "
+            f"classes found a trigger for class {v.get('suspected_target')} at most {rev.get('ratio')} times the "
+            f"smallest of its reference classes' masks. Stamped on the clean reconstructions it flips "
+            f"{_pct(v.get('clean_reconstructions_flipped_by_estimated_trigger'))} and on the carriers "
+            f"{_pct(v.get('carriers_flipped_by_estimated_trigger'))} to the target. Mask IoU with the true trigger: "
+            f"{_num(v.get('mask_iou_with_true_trigger'), '.2f')}.")
+    elif "suspected_target" in v:
         flipped = _pct(v.get("clean_reconstructions_flipped_by_estimated_trigger"))
         out["found"] = bool(v.get("backdoor_found"))
         out["summary"] = (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from typing import Any
 
 import matplotlib
@@ -90,17 +91,20 @@ def trigger_plot(heatmap: np.ndarray, mask: np.ndarray, estimate: torch.Tensor, 
 
 
 def before_after_plot(rows: list[tuple[str, dict[str, float]]]) -> bytes:
-    names = [n for n, _ in rows]
-    x = np.arange(len(rows))
-    fig, ax = plt.subplots(figsize=(6.4, 3.2))
+    """Horizontal MA / ASR bars, one pair per model (the first row on top), labels in full."""
+    names = [textwrap.fill(n, 34) for n, _ in rows]
+    y = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(7.2, 0.62 * len(rows) + 0.9))
     ma = [100 * m["ma"] for _, m in rows]
     asr = [100 * m["asr"] for _, m in rows]
-    b1 = ax.bar(x - 0.2, ma, 0.4, label="MA", color="#1f77b4")
-    b2 = ax.bar(x + 0.2, asr, 0.4, label="ASR", color="#d62728")
-    ax.bar_label(b1, fmt="%.1f", fontsize=7)
-    ax.bar_label(b2, fmt="%.1f", fontsize=7)
-    ax.set_xticks(x, names, fontsize=8)
-    ax.set_ylabel("%")
-    ax.set_ylim(0, 110)
-    ax.legend(fontsize=8)
+    b1 = ax.barh(y - 0.2, ma, 0.4, label="MA", color="#1f77b4")
+    b2 = ax.barh(y + 0.2, asr, 0.4, label="ASR", color="#d62728")
+    ax.bar_label(b1, fmt="%.1f", fontsize=7, padding=2)
+    ax.bar_label(b2, fmt="%.1f", fontsize=7, padding=2)
+    ax.set_yticks(y, names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("%")
+    ax.set_xlim(0, 112)
+    ax.legend(fontsize=8, loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=2, frameon=False)
+    fig.tight_layout()
     return _png(fig)
