@@ -83,6 +83,32 @@ def test_resume_refuses_other_config(tmp_path: Path) -> None:
         train(small_config(training={"rounds": 2}), tmp_path / "r", resume=True, progress=False)
 
 
+def test_resume_accepts_a_run_from_before_a_setting_existed(tmp_path: Path) -> None:
+    """A run directory written before a setting was added (its config lacks the key) resumes when the
+    setting's default keeps the old behaviour; a changed setting is still refused."""
+    from tests.test_checkpoint import resign
+
+    cfg = small_config(training={"rounds": 2})
+
+    def stop_after_one(r: int, _: dict) -> None:
+        if r == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path / "r", progress=False, on_round_end=stop_after_one)
+
+    def older(meta: dict) -> None:
+        for key in ("lr_decay", "augment_crop", "augment_flip"):
+            meta["config"]["training"].pop(key)
+        meta["config"]["unlearning"].pop("root_labels")
+
+    resign(tmp_path / "r", older)
+    resumed = train(cfg, tmp_path / "r", resume=True, progress=False)
+    assert [h["round"] for h in resumed.history] == [1, 2]
+    with pytest.raises(CheckpointError, match="different config"):
+        train(small_config(training={"rounds": 2, "lr_decay": 0.5}), tmp_path / "r", resume=True, progress=False)
+
+
 def test_client_selection_fraction() -> None:
     sel = select_clients(0, 3, 20, 5)
     assert len(sel) == 5 and len(set(sel)) == 5 and sel == sorted(sel)

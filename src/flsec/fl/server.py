@@ -135,7 +135,9 @@ class Server:
                 raise CheckpointError(
                     f"--out: {out} already holds a run; pass --resume to continue it or choose a new --out")
             ckpt = load_checkpoint(out, require_complete=False)
-            if training_fields(ckpt.meta["config"]) != training_fields(config.model_dump(mode="json")):
+            # Compared as parsed, so a setting added to flsec since (with the default that keeps the
+            # old behaviour) does not refuse a run started before it.
+            if training_fields(ckpt.config.model_dump(mode="json")) != training_fields(config.model_dump(mode="json")):
                 raise CheckpointError(f"--resume: {out} was started with a different config; use a new --out")
             remove_leftovers(out, ckpt.meta)
             for key, alias in ALIASES.items():
