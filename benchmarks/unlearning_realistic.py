@@ -151,7 +151,8 @@ def section(name: str, cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> tup
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--configs", nargs="+", default=[str(ROOT / "configs" / "mnist_realistic.toml")])
+    ap.add_argument("--configs", nargs="+", default=[str(ROOT / "configs" / "mnist_realistic.toml")],
+                    help="config files, each optionally with its own seeds: configs/cifar10.toml:0,1")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--data-dir", default=str(default_data_dir()))
     ap.add_argument("--out", default=str(ROOT / "runs" / "unlearning_realistic"))
@@ -160,10 +161,11 @@ def main() -> None:
     args = ap.parse_args()
     lines = ["# Closing the loop on what a FedAvg server sees (suspects, real updates, carriers)", ""]
     report: dict[str, Any] = {"commit": git_commit(mark_dirty=True), "configs": {}}
-    for path in args.configs:
+    for spec in args.configs:
+        path, _, own = spec.partition(":")
         name = Path(path).name
         runs = []
-        for seed in args.seeds:
+        for seed in [int(x) for x in own.split(",")] if own else args.seeds:
             cfg = load_config(Path(path), [f'data.data_dir="{args.data_dir}"', f"seed={seed}", *args.set])
             out = Path(args.out) / Path(path).stem / f"seed{seed}"
             print(f"{name} seed {seed} -> {out}", flush=True)
