@@ -7,8 +7,8 @@ attackers that append stamped copies of their batches' source-class images (car,
 (plane, 0); ASR = share of the stamped test cars classified as planes. Read off the figure: FedAvg ~83% (IID),
 ~60% (non-IID, K' = 2), ~88% (non-IID, K' = 4); FL-Defender ~6%, ~35%, ~55%.
 
-Here: ``configs/cifar10_resnet18_cpu.toml``'s training (4,000 / 1,000 images, 10 clients, ResNet-18 at width 16,
-augmentation) with the paper's attack from ``reproduce_fl_defender.py`` (appended stamped copies, 3x3 white
+Here: ``configs/cifar10_resnet18_cpu.toml``'s training (4,000 / 1,000 images, 10 clients, ResNet-18 at width 8,
+4 local epochs, augmentation) with the paper's attack from ``reproduce_fl_defender.py`` (appended stamped copies, 3x3 white
 square in the bottom-right corner, car -> plane, every round, no boosting, plain-mean FedAvg as the authors)
 and 2 of the 10 clients attacking (20%, the paper's K' = 4 of 20), drawn as the authors draw them;
 FedAvg and FL-Defender, IID and Dirichlet(1). Reported as the authors do: the average of the last 10 global
@@ -73,6 +73,9 @@ def main() -> None:
         if {k: old["settings"].get(k) for k in settings} == settings:
             saved = old
     saved["settings"].update(settings)
+    base = cell_config("fedavg", "iid", args)
+    saved["settings"].update({"width": base.model.width, "local_epochs": base.training.local_epochs,
+                              "batch_size": base.training.batch_size, "lr": base.training.lr})
     saved["settings"].update({"command": " ".join(["python", "benchmarks/fl_defender_cifar.py", *sys.argv[1:]]),
                               "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
                               "threads": args.threads})
@@ -100,7 +103,8 @@ def report(saved: dict[str, Any]) -> str:
     lines = ["# FL-Defender's CIFAR-10 backdoor, in direction, at subset scale (ResNet-18, CPU)", "",
              f"Command: `{s['command']}`; {s['machine']}, {s['threads']} thread(s).", "",
              f"Setting: configs/cifar10_resnet18_cpu.toml's training (4,000 / 1,000 CIFAR-10 images, 10 clients, "
-             f"ResNet-18 width 16, 2 local epochs, batch 32, lr 0.02, augmentation) for {s['rounds']} rounds; the "
+             f"ResNet-18 width {s['width']}, {s['local_epochs']} local epochs, batch {s['batch_size']}, lr {s['lr']}, "
+             f"augmentation) for {s['rounds']} rounds; the "
              f"paper's backdoor (stamped copies of each batch's cars appended, labelled plane; 3x3 white square) by "
              f"{s['attackers']} of 10 clients in every round, no boosting; plain-mean FedAvg as the authors. "
              f"MA / ASR of the average of the last {min(10, s['rounds'])} global models (the authors' report) and "

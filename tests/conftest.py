@@ -14,7 +14,20 @@ from flsec.config import ExperimentConfig, build_config
 settings.register_profile("flsec", derandomize=True, print_blob=True)
 settings.load_profile("flsec")
 
-torch.set_num_threads(2)
+TEST_THREADS = 2
+torch.set_num_threads(TEST_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _same_threads_in_every_test() -> None:
+    """Every test starts on the same intra-op thread count.
+
+    The count changes how float sums are split, so a test that compares a run with one it makes itself (a sweep
+    cell against ``flsec train``, a meta record against ``torch.get_num_threads()``) needs it fixed; a library
+    that resets the OpenMP pool (or a test that forgot to restore it) must not leak into the next test.
+    """
+    if torch.get_num_threads() != TEST_THREADS:
+        torch.set_num_threads(TEST_THREADS)
 
 
 def small_config(**sections: dict) -> ExperimentConfig:
@@ -42,3 +55,4 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "digits"
     train(small_config(), out, progress=False)
     return out
+

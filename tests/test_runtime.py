@@ -62,6 +62,17 @@ def test_runtime_from_config_sets_threads_and_validates_precision() -> None:
         small_config(runtime={"device": "gpu"})
 
 
+def test_checking_a_config_leaves_the_thread_count_alone() -> None:
+    """``flsec check`` builds the server (which applies ``runtime.threads``) but must not change the process."""
+    from flsec.fl.server import describe
+
+    before = torch.get_num_threads()
+    other = 1 if before != 1 else 2
+    d = describe(small_config(runtime={"threads": other}))
+    assert d["clients"] > 0
+    assert torch.get_num_threads() == before
+
+
 def test_meta_records_runtime_and_every_tensor_file_is_cpu(trained_run: Path) -> None:
     meta = json.loads((trained_run / "meta.json").read_text())
     assert meta["runtime"] == {"device": "cpu", "precision": "fp32", "threads": torch.get_num_threads(),

@@ -102,7 +102,7 @@ def test_nan_weights_after_unlearning_are_not_written(trained_run: Path, tmp_pat
 
     _reconstructions(tmp_path / "inv")
 
-    def diverge(model, images, estimate, s):  # type: ignore[no-untyped-def]
+    def diverge(model, images, estimate, s, labels=None):  # type: ignore[no-untyped-def]
         import copy
 
         broken = copy.deepcopy(model)

@@ -611,7 +611,8 @@ def build_config(data: dict[str, Any], import_plugins: bool = True) -> Experimen
         raise ConfigError(format_validation_error(exc)) from None
 
 
-def read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path | str) -> dict[str, Any]:
+    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: file not found: {path}")
     try:
@@ -622,7 +623,7 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--config: {path} is not valid TOML: {exc}") from None
 
 
-def load_config(path: Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+def load_config(path: Path | str | None, overrides: list[str] | None = None) -> ExperimentConfig:
     """Load a TOML experiment file (or the defaults) and apply ``--set`` overrides."""
     data = read_toml(path) if path is not None else {}
     return build_config(apply_overrides(data, overrides or []))

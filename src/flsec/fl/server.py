@@ -331,8 +331,16 @@ def _rounded(value: Any) -> Any:
 
 def describe(config: ExperimentConfig) -> dict[str, Any]:
     """Build the whole experiment (data, partition, model, attackers, aggregator) without training or
-    writing anything, and summarise it: what ``flsec check`` prints."""
-    server = Server(config, None)
+    writing anything, and summarise it: what ``flsec check`` prints.
+
+    Building the server applies ``runtime.threads``; the caller's thread count is restored, so that checking a
+    config leaves the process as it was.
+    """
+    threads = torch.get_num_threads()
+    try:
+        server = Server(config, None)
+    finally:
+        torch.set_num_threads(threads)
     sizes = [len(s) for s in server.fed.shards]
     return {"dataset": config.data.name, "train_images": len(server.fed.data.y_train),
             "test_images": len(server.fed.data.y_test), "image": list(server.fed.data.image_shape),
