@@ -10,7 +10,8 @@ For each config and seed: ``flsec run`` (train, invert the server's most suspici
 on the config's carriers with every baseline), then phase 3 again on the other carriers (no
 baselines), each in its own folder; everything resumes. Writes
 benchmarks/results/unlearning_realistic.md and .json (mean +/- std over seeds, per-seed rows, the
-targets, what the defender held, phase times).
+targets, the seeds that missed them, what the defender held, phase times). The file's ``## Reading`` section
+is written by hand (why a target was missed) and kept when the script rewrites the file.
 """
 
 from __future__ import annotations
@@ -86,6 +87,23 @@ def detection(history: list[dict[str, Any]]) -> tuple[float | None, float | None
     return (hits / flagged if flagged else None, hits / attacks if attacks else None)
 
 
+def misses(name: str, runs: list[dict[str, Any]]) -> list[str]:
+    """One line per (carriers, seed) that missed its target: which bound failed, and the model it started from."""
+    lines = []
+    for kind, (asr_max, loss_max) in TARGETS.get(name, {}).items():
+        for r in runs:
+            m = r["metrics"].get(kind)
+            if m is None:
+                continue
+            asr, loss = m["after"]["asr"], 100 * (m["before"]["ma"] - m["after"]["ma"])
+            failed = ([f"ASR after {100 * asr:.2f}% > {100 * asr_max:g}%"] if asr > asr_max else []) + (
+                [f"MA loss {loss:.2f} > {loss_max:g} points"] if loss > loss_max else [])
+            if failed:
+                lines.append(f"- {kind}, seed {r['seed']}: {'; '.join(failed)} (from MA {100 * m['before']['ma']:.2f}% "
+                             f"to {100 * m['after']['ma']:.2f}%)")
+    return lines
+
+
 def section(name: str, cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> tuple[list[str], dict[str, Any]]:
     targets = TARGETS.get(name, {})
     lines = [f"## {name}: {cfg.data.name} {cfg.data.train_size or 'all'}/{cfg.data.test_size or 'all'} images, "
@@ -114,6 +132,9 @@ def section(name: str, cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> tup
                      f"{mean_std(loss)} | "
                      + (f"ASR <= {100 * goal[0]:g}%, MA loss <= {goal[1]:g} | {'yes' if met else '**no**'} on the "
                         f"mean; {meeting}/{len(rows)} seeds |" if goal else "reported | - |"))
+    missed = misses(name, runs)
+    if missed:
+        lines += ["", "Seeds that missed a target:", "", *missed]
     base = [r["metrics"][cfg.carriers] for r in runs]
     lines += ["", "Baselines (mean +/- std over seeds; the same unlearning steps):", "",
               "| baseline | what it needs | ASR (%) | MA (%) |", "|---|---|---|---|"]
@@ -149,6 +170,22 @@ def section(name: str, cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> tup
     return lines, checks
 
 
+def kept_reading(previous: Path, commit: str) -> list[str]:
+    """The hand-written ``## Reading`` section of the previous results file, kept across rewrites with a line
+    saying which numbers it was written for (the tables above it are regenerated; the reading is not)."""
+    if not previous.exists():
+        return []
+    text = previous.read_text(encoding="utf-8")
+    start = text.find("\n## Reading")
+    if start < 0:
+        return []
+    end = text.find("\n## ", start + 1)
+    body = text[start + 1:end if end >= 0 else len(text)].rstrip().splitlines()
+    note = f"_(Kept from the previous results file; the tables above are from commit {commit}: check the reading " \
+           "against them.)_"
+    return [*body, "", note, ""] if not any(line.startswith("_(Kept from") for line in body) else [*body, ""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=[str(ROOT / "configs" / "mnist_realistic.toml")],
@@ -180,6 +217,8 @@ def main() -> None:
               f"{report['commit']}; {cpu_name()}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}, "
               "on a 2-core machine shared with other jobs (seconds are upper bounds)."]
     out = Path(args.results)
+    at = lines.index("## Provenance")
+    lines[at:at] = kept_reading(out.with_suffix(".md"), report["commit"])
     write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
     write_strict_json(out.with_suffix(".json"), report)
     print("\n".join(lines))
