@@ -72,11 +72,11 @@ NOTES: dict[str, str] = {
     "fedavg": "Found: constrain-and-scale replaces the model in one round and the backdoor outlives the attack "
               "(ASR at the end = at stop). Boosting also reaches 100% in some round of every run (peak) but the "
               "next honest round washes it out. Sybil flipping with 4 sybils takes the model down (final MA "
-              "12%): each sybil trains on every training 7 (~90 images against an honest client's ~45), so "
+              "13%): each sybil trains on every training 7 (~90 images against an honest client's ~45), so "
               "sample-weighted FedAvg gives the four of them 35% of the aggregate. PGD with its default radius "
               "(the attacker's own honest update norm) is weak at this scale even here: that bounds what PGD can "
               "show against any rule below.",
-    "krum": "Disagrees (PGD does not break Krum here); investigated. Krum's MA stays at 15-27%: it keeps one "
+    "krum": "Disagrees (PGD does not break Krum here); investigated. Krum's MA stays at 24-33%: it keeps one "
             "client's update per round and at 45 images per client, non-IID, that model does not learn (the "
             "defense table, 400 images per client and 20 rounds, gives 87%). The per-round history shows Krum "
             "picking the same small-norm honest client (PGD, 4 attackers, seed 0: client 6 in 5 of 6 rounds, "
@@ -87,9 +87,10 @@ NOTES: dict[str, str] = {
             "takes an attacker's update as the global model in 2 (2 attackers) and 3 (4 attackers) of the 4 "
             "attacked rounds, but an update that small "
             "carries no backdoor (ASR 0% in round 4 with an attacker selected; the 100% of round 1 is a "
-            "near-random model, MA 9%, classifying everything as 0). The 50% 'peak' above is that same "
-            "artefact. At this scale Krum's ASR says nothing either way; the literature's result needs a model "
-            "Krum can train (the defense-table scale).",
+            "near-random model, MA 9%, classifying everything as 0; that follow-up ran at commit f75b44a). "
+            "The 34-51% 'peaks' above are the same artefact: rounds 1-2 of seeds 1 and 2 (MA 9-34%), the same "
+            "under every attack because Krum picked the same honest client. At this scale Krum's ASR says "
+            "nothing either way; the literature's result needs a model Krum can train (the defense-table scale).",
     "multi_krum": "Partly agrees. Multi-Krum admits PGD, the plain backdoor and DBA with their full headcount "
                   "(share 22% for 4 of 20; boosted and constrain-and-scale updates are filtered out, share 0-3%), "
                   "so the norm-bounded attacker passes the filter as the literature says; but the ASR it reaches "
@@ -99,10 +100,10 @@ NOTES: dict[str, str] = {
                  "backdoor attackers that each keep their own shard are 'diverse' to it and keep their full "
                  "weight (share 11% / 19% for 2 / 4, as FedAvg). It bounds no magnitude, so boosting, "
                  "constrain-and-scale and Neurotoxin break it exactly as they break FedAvg; with 2 attackers "
-                 "constrain-and-scale and boosting also cost MA (24% / 38%).",
+                 "constrain-and-scale and boosting also cost MA (final MA 43% / 38%).",
     "norm_clip": "Agrees, with a caveat. Clipping to M = 1.0 (about the honest median norm) neutralises the "
                  "magnitude attacks: boosted and constrain-and-scale fall to the level of the plain backdoor "
-                 "(4 attackers, ASR at stop: boosted 31% against FedAvg's 74%, constrain-and-scale 20% against "
+                 "(4 attackers, ASR at stop: boosted 28% against FedAvg's 74%, constrain-and-scale 18% against "
                  "100%). PGD updates are within the bound and pass unclipped "
                  "(share 20% = headcount for 4): clipping slows PGD (4 attackers: 18% at stop against FedAvg's "
                  "29%; with 2 both are at the floor) but does not remove it; "
@@ -112,28 +113,30 @@ NOTES: dict[str, str] = {
     "flame": "Disagrees with the paper's 0% ASR against PGD and DBA; investigated. FLAME rejects every "
              "scaled or masked update (boosted, constrain-and-scale, Neurotoxin, sybil: share 0%), but admits "
              "the unscaled backdoors (plain, PGD, DBA) with more than their headcount: 24% of the aggregate "
-             "on average (29-32% in seed 0) for 4 of 20 attackers, and a peak ASR of 73-84%. "
+             "on average (28-32% in seed 0) for 4 of 20 attackers, and a peak ASR of 73-84%. "
              "The per-round history shows why: HDBSCAN on cosine distances keeps a "
              "majority cluster of at least n/2 + 1 models and, with Dirichlet(0.5) shards of ~45 images, the "
              "most dissimilar honest clients are the ones left out, while the attackers (similar to each other) "
-             "stay in (PGD, 4 attackers, seed 0: 11-12 of 20 updates kept per round, 8-9 honest ones rejected, "
+             "stay in (PGD, 4 attackers, seed 0: 11-12 of 20 updates kept per round, 7-9 honest ones rejected, "
              "all 4 attackers kept in rounds 1 and 3, 3 in round 2, 2 in round 4). "
              "The default noise (lambda = 0.001) is too small to erase what they add.",
-    "fltrust": "Holds against every attack here (no mean ASR at stop above 14%, no peak above 25%). Its root "
+    "fltrust": "Holds against every trigger attack here (no mean ASR at stop above 14%, no peak above 25%); the "
+               "trigger-free edge-case attack dents it (22% / 36% at stop, 2-7 rare test 7s per seed). Its root "
                "set (100 clean images) gives a direction the attackers' updates disagree with: their share stays "
                "at about half their headcount, and magnitudes are normalised to the root update, so boosting "
                "gains nothing.",
     "bulyan": "Rejects all scaled or masked updates (share 0%) and admits the plain backdoor, PGD and DBA at "
               "about their headcount; with 4 attackers these reach a high peak ASR in single rounds. Bulyan "
               "needs n >= 4f + 3 and keeps only n - 4f values per coordinate (4 of 20 at f = 4), which costs MA "
-              "(60-68% against FedAvg's 70-80% under the same attacks).",
+              "(65-68% against FedAvg's 74-81% under the plain backdoor, PGD and DBA).",
     "median": "Coordinate-wise rules are dented, not broken: the plain backdoor, boosting and DBA with 4 "
               "attackers reach high peaks in single rounds; 2 rounds after the attack the ASR is back at the floor.",
     "trimmed_mean": "As the median: dents with 4 attackers, and sybil flipping with 4 sybils (all pushing every "
                     "coordinate the same way) reaches 100% in some round.",
-    "fl_defender": "Breaks under constrain-and-scale (durable) and Neurotoxin with 4 attackers although it gives "
-                   "them a small share: both survive a small weight (constrain-and-scale is scaled by n / eta, "
-                   "Neurotoxin writes where honest updates do not).",
+    "fl_defender": "Breaks under constrain-and-scale (durable) although it gives those attackers a small "
+                   "share (5-8%): constrain-and-scale is scaled by n / eta and survives a small weight. Neurotoxin "
+                   "with 4 attackers is not singled out (share 25%, above their headcount): its updates write where "
+                   "honest updates do not, and the output-layer similarities FL-Defender scores do not separate them.",
 }
 
 
@@ -141,7 +144,7 @@ READING = (
     "At this scale the models are far from trained (final MA 60-80%, FedAvg's clean MA in the table below), "
     "and the ASR of such a model moves a lot from round to round; the std over seeds is often as large as the mean. "
     "The noise floor is visible where a rule rejects every attacker (attackers' share 0%): the ASR of that "
-    "honest-only trajectory is 2-14% (Bulyan, FLAME, Multi-Krum under boosting). Read an ASR below ~20% as no "
+    "honest-only trajectory is 1-14% (Bulyan, FLAME, Multi-Krum under boosting). Read an ASR below ~20% as no "
     "effect. The attackers' share column says whether a rule let the attackers in at all; it separates 'the rule "
     "stopped it' (share near 0) from 'the attack is too weak here' (share at headcount, ASR still low: compare "
     "FedAvg under the same attack). Krum's column is meaningless for ASR (its model does not train; see Krum). "
