@@ -72,11 +72,10 @@ def main() -> None:
         old = json.loads(args.out.with_suffix(".json").read_text())
         if {k: old["settings"].get(k) for k in settings} == settings:
             saved = old
-    saved["settings"].update(settings)
     base = cell_config("fedavg", "iid", args)
-    saved["settings"].update({"width": base.model.width, "local_epochs": base.training.local_epochs,
-                              "batch_size": base.training.batch_size, "lr": base.training.lr})
-    saved["settings"].update({"command": " ".join(["python", "benchmarks/fl_defender_cifar.py", *sys.argv[1:]]),
+    saved["settings"].update({**settings, "width": base.model.width, "local_epochs": base.training.local_epochs,
+                              "batch_size": base.training.batch_size, "lr": base.training.lr,
+                              "command": " ".join(["python", "benchmarks/fl_defender_cifar.py", *sys.argv[1:]]),
                               "machine": f"{cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}",
                               "threads": args.threads})
     for partition in PARTITIONS:

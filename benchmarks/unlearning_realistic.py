@@ -87,17 +87,20 @@ def detection(history: list[dict[str, Any]]) -> tuple[float | None, float | None
     return (hits / flagged if flagged else None, hits / attacks if attacks else None)
 
 
+def missed_bounds(m: dict[str, Any], goal: tuple[float, float]) -> list[str]:
+    """The bounds of ``goal`` = (ASR after at most, MA loss at most in points) that one run's metrics fail."""
+    asr, loss = m["after"]["asr"], m["before"]["ma"] - m["after"]["ma"]
+    return ([f"ASR after {100 * asr:.2f}% > {100 * goal[0]:g}%"] if asr > goal[0] else []) + (
+        [f"MA loss {100 * loss:.2f} > {goal[1]:g} points"] if loss > goal[1] / 100 else [])
+
+
 def misses(name: str, runs: list[dict[str, Any]]) -> list[str]:
     """One line per (carriers, seed) that missed its target: which bound failed, and the model it started from."""
     lines = []
-    for kind, (asr_max, loss_max) in TARGETS.get(name, {}).items():
+    for kind, goal in TARGETS.get(name, {}).items():
         for r in runs:
             m = r["metrics"].get(kind)
-            if m is None:
-                continue
-            asr, loss = m["after"]["asr"], 100 * (m["before"]["ma"] - m["after"]["ma"])
-            failed = ([f"ASR after {100 * asr:.2f}% > {100 * asr_max:g}%"] if asr > asr_max else []) + (
-                [f"MA loss {loss:.2f} > {loss_max:g} points"] if loss > loss_max else [])
+            failed = missed_bounds(m, goal) if m is not None else []
             if failed:
                 lines.append(f"- {kind}, seed {r['seed']}: {'; '.join(failed)} (from MA {100 * m['before']['ma']:.2f}% "
                              f"to {100 * m['after']['ma']:.2f}%)")
@@ -123,7 +126,7 @@ def section(name: str, cfg: ExperimentConfig, runs: list[dict[str, Any]]) -> tup
         met, meeting = None, 0
         if goal:
             met = statistics.fmean(asr_after) <= goal[0] and statistics.fmean(loss) <= goal[1] / 100
-            meeting = sum(a <= goal[0] and b <= goal[1] / 100 for a, b in zip(asr_after, loss, strict=True))
+            meeting = sum(not missed_bounds(m, goal) for m in rows)
             checks[kind] = {"asr_after_max": goal[0], "ma_loss_max_points": goal[1], "met_on_mean": met,
                             "seeds_meeting": meeting}
         lines.append(f"| {kind} | {rows[0]['defender_holdings']['clean_images']} | "
@@ -181,9 +184,10 @@ def kept_reading(previous: Path, commit: str) -> list[str]:
         return []
     end = text.find("\n## ", start + 1)
     body = text[start + 1:end if end >= 0 else len(text)].rstrip().splitlines()
+    body = [line for line in body if not line.startswith("_(Kept from")]  # the previous rewrite's note
     note = f"_(Kept from the previous results file; the tables above are from commit {commit}: check the reading " \
            "against them.)_"
-    return [*body, "", note, ""] if not any(line.startswith("_(Kept from") for line in body) else [*body, ""]
+    return [*body, "", note, ""]
 
 
 def main() -> None:

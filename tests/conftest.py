@@ -55,4 +55,3 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "digits"
     train(small_config(), out, progress=False)
     return out
-
